@@ -1,0 +1,41 @@
+"""qwen3-chat: Qwen3 on MLX. The library never prints.
+
+Heavy modules (MLX) are imported lazily so that `qwen3 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "qwen3_chat.loader",
+    "ModelConfig": "qwen3_chat.config",
+    "Tokenizer": "qwen3_chat.tokenizer",
+    "stream_generate": "qwen3_chat.generate",
+    "SamplingParams": "qwen3_chat.sampling",
+    "ChatSession": "qwen3_chat.session",
+    "ModelLoadError": "qwen3_chat.errors",
+    "Qwen3ChatError": "qwen3_chat.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qwen3_chat.config import ModelConfig
+    from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
+    from qwen3_chat.generate import stream_generate
+    from qwen3_chat.loader import load
+    from qwen3_chat.sampling import SamplingParams
+    from qwen3_chat.session import ChatSession
+    from qwen3_chat.tokenizer import Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwen3_chat' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

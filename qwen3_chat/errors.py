@@ -1,0 +1,23 @@
+"""Errors the library raises; the CLI turns each into one line on stderr."""
+
+from __future__ import annotations
+
+
+class Qwen3ChatError(Exception):
+    """Base class: anything the user can fix (bad input, missing file, no network)."""
+
+
+class ModelLoadError(Qwen3ChatError):
+    """A checkpoint folder cannot be loaded; the message names the file or tensor."""
+
+
+class TokenizerError(Qwen3ChatError):
+    """Tokenizer files are missing or malformed."""
+
+
+class RegistryError(Qwen3ChatError):
+    """models.toml is malformed or names an unknown model."""
+
+
+class DownloadError(Qwen3ChatError):
+    """A download failed (404, 401, offline, disk full) or did not verify."""
