@@ -5,7 +5,7 @@ Heavy modules (MLX) are imported lazily so that `qwen3 --help` stays fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -21,15 +21,6 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qwen3_chat.config import ModelConfig
-    from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
-    from qwen3_chat.generate import stream_generate
-    from qwen3_chat.loader import load
-    from qwen3_chat.sampling import SamplingParams
-    from qwen3_chat.session import ChatSession
-    from qwen3_chat.tokenizer import Tokenizer
 
 
 def __getattr__(name: str) -> Any:

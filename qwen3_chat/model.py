@@ -1,0 +1,150 @@
+"""Qwen3 (dense and MoE) in MLX, with Hugging Face parameter names.
+
+GQA attention with per-head RMSNorm on q and k before RoPE, SwiGLU MLP or a sparse MoE
+block, RMSNorm everywhere, optional tied embeddings. The KV cache is passed in explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen3_chat.cache import KVCache
+from qwen3_chat.config import ModelConfig
+from qwen3_chat.moe import SparseMoeBlock
+from qwen3_chat.rope import make_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rope: nn.Module):
+        super().__init__()
+        h, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            hd,
+        )
+        self.scale = hd**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=bias)
+        self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+        self.rope = rope
+
+    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(b, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" aligns to the bottom-right, so it also holds for a chunk after cached tokens.
+        mask = "causal" if n > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int, rope: nn.Module):
+        super().__init__()
+        self.self_attn = Attention(config, rope)
+        if config.is_moe_layer(index):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rope = make_rope(config)  # one instance: dense and MoE layers share the same RoPE
+        self.layers = [DecoderLayer(config, i, rope) for i in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, caches, strict=True):
+            h = layer(h, c)
+        return h
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(
+        self, inputs: mx.array, cache: list[KVCache] | None = None, last_only: bool = False
+    ) -> mx.array:
+        """inputs: int32 [B, L] -> logits [B, L, vocab] ([B, 1, vocab] with last_only)."""
+        h = self.model(inputs, cache)
+        if last_only:
+            h = h[:, -1:, :]  # prefill needs only the next-token logits
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map a Hugging Face checkpoint onto this module tree (the only weight fix-ups)."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        # HF stores experts one by one; we stack them into [E, out, in] per projection.
+        expert_key = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+_proj)\.(\w+)$")
+        groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+        for key in [k for k in weights if ".mlp.experts." in k]:
+            m = expert_key.match(key)
+            if m is None:
+                continue
+            prefix, e, proj, kind = m.groups()
+            groups.setdefault((prefix, proj, kind), {})[int(e)] = weights.pop(key)
+        for (prefix, proj, kind), by_expert in groups.items():
+            n = self.config.num_experts
+            if sorted(by_expert) != list(range(n)):
+                missing = sorted(set(range(n)) - set(by_expert))
+                from qwen3_chat.errors import ModelLoadError
+
+                raise ModelLoadError(
+                    f"{prefix}.experts: {proj}.{kind} missing for experts {missing[:8]}"
+                )
+            weights[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack(
+                [by_expert[e] for e in range(n)]
+            )
+        return weights
