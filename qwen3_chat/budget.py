@@ -1,0 +1,70 @@
+"""The thinking budget: a policy that caps the reasoning tokens of one turn.
+
+Qwen's recipe: once the budget is spent, stop thinking and feed a closing sentence plus
+`</think>` so the model answers from what it has. We add a short grace window so the cut
+lands at the end of a line (or at least between words), never mid-word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+CLOSING_TEXT = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on the "
+    "thinking directly now.\n</think>\n\n"
+)
+DEFAULT_GRACE = 32
+# After the grace window, wait at most this many more tokens for a word boundary.
+WORD_WAIT = 8
+
+
+class ThinkingBudget:
+    """Counts every reasoning token of the turn (all think blocks) and forces the close.
+
+    `on_token(id, text)` is called for each sampled token; it returns None to keep it, or
+    the token ids to feed instead (the kept token, if any, then the closing).
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        closing_ids: Sequence[int],
+        think_start_id: int | None,
+        think_end_id: int | None,
+        grace: int = DEFAULT_GRACE,
+        in_reasoning: bool = False,
+    ):
+        self.budget = max(0, budget)
+        self.grace = max(0, grace)
+        self.closing_ids = list(closing_ids)
+        self.think_start_id, self.think_end_id = think_start_id, think_end_id
+        self.in_reasoning = in_reasoning
+        self.used = 0
+        self.hit = False
+
+    def on_token(self, token: int, text: str) -> list[int] | None:
+        if token == self.think_start_id:
+            self.in_reasoning = True
+            return None
+        if token == self.think_end_id:
+            self.in_reasoning = False
+            return None
+        if not self.in_reasoning:
+            return None
+        self.used += 1
+        over = self.used - self.budget  # >0: this token is past the budget
+        if over <= 0:
+            return None
+        if over > self.grace and text[:1].isspace():
+            return self._close(keep=None)  # a new word would start here: cut before it
+        if "\n" in text or over >= self.grace + WORD_WAIT:
+            return self._close(keep=token)
+        return None
+
+    def _close(self, keep: int | None) -> list[int]:
+        self.hit = True
+        self.in_reasoning = False
+        if keep is None:
+            self.used -= 1  # the dropped token never happened
+            return list(self.closing_ids)
+        return [keep, *self.closing_ids]

@@ -1,0 +1,279 @@
+"""Streaming generation, in layers: prefill/decode → token ids → typed events with stats.
+
+The decode loop queues step n+1 with `mx.async_eval` before it hands token n on, so the
+GPU (or CPU) works while Python handles the previous token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from qwen3_chat.budget import CLOSING_TEXT, DEFAULT_GRACE, ThinkingBudget
+from qwen3_chat.cache import KVCache
+from qwen3_chat.sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    apply_processors,
+    make_logits_processors,
+    make_sampler,
+)
+
+DEFAULT_MAX_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ReasoningText:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerText:
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDone:
+    """Emitted once, when `</think>` is produced (or forced by the budget)."""
+
+    tokens: int
+    seconds: float
+    budget_hit: bool
+
+
+@dataclass(frozen=True)
+class ContextTrimmed:
+    """The session dropped its oldest turns to fit the context."""
+
+    dropped_turns: int
+    context_used: int
+    context_length: int
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    prefill_tokens: int  # actually run through the model (after prompt-cache reuse)
+    reasoning_tokens: int
+    answer_tokens: int
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    total_s: float
+    peak_memory_gb: float
+    finish_reason: str  # "stop" | "length" | "interrupted"
+    budget_hit: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    stats: GenerationStats
+    reasoning: str
+    answer: str
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+Event = ReasoningText | AnswerText | ThinkingDone | ContextTrimmed | Finished
+
+_stream: mx.Stream | None = None
+
+
+def generation_stream() -> mx.Stream:
+    """A dedicated stream so generation work overlaps with whatever else is queued."""
+    global _stream
+    if _stream is None:
+        _stream = mx.new_stream(mx.default_device())
+    return _stream
+
+
+def prefill(model, ids: Sequence[int], cache: list[KVCache], step: int = 512) -> mx.array:
+    """Run `ids` through the model in chunks; returns the next-token logits [1, V]."""
+    ids = list(ids)
+    for start in range(0, len(ids) - step, step):
+        model(mx.array([ids[start : start + step]], dtype=mx.int32), cache=cache, last_only=True)
+        mx.eval([c.state for c in cache])
+    tail = ids[(max(len(ids) - 1, 0) // step) * step :]
+    return model(mx.array([tail], dtype=mx.int32), cache=cache, last_only=True)[:, -1, :]
+
+
+def decode_one_token(model, tokens: Sequence[int] | mx.array, cache: list[KVCache]) -> mx.array:
+    """Feed one token (or a forced run of tokens); returns the next-token logits [1, V]."""
+    x = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens), dtype=mx.int32)
+    return model(x.reshape(1, -1), cache=cache, last_only=True)[:, -1, :]
+
+
+@dataclass
+class TokenStream:
+    """Timing of the token layer, read by the event layer for stats."""
+
+    start: float = 0.0
+    first_token: float = 0.0
+    prefill_tokens: int = 0
+
+
+def generate_tokens(
+    model,
+    prompt_ids: Sequence[int],
+    cache: list[KVCache],
+    sampler,
+    processors: Sequence[LogitsProcessor],
+    override=None,
+    prefill_step: int = 512,
+    timing: TokenStream | None = None,
+) -> Iterator[tuple[int, bool]]:
+    """Yield (token id, forced) pairs. `override(id) -> ids | None` may replace a token."""
+    timing = timing or TokenStream()
+    history: list[int] = []
+
+    def pick(logits: mx.array) -> mx.array:
+        return sampler(apply_processors(processors, history, logits))
+
+    timing.start = time.perf_counter()
+    timing.prefill_tokens = len(prompt_ids)
+    with mx.stream(generation_stream()):
+        y = pick(prefill(model, prompt_ids, cache, prefill_step))
+    mx.async_eval(y)
+    while True:
+        with mx.stream(generation_stream()):
+            # Speculatively queue the next step before looking at this token.
+            next_y = pick(decode_one_token(model, y, cache))
+        mx.async_eval(next_y)
+        token = y.item()
+        if not timing.first_token:
+            timing.first_token = time.perf_counter()
+        forced = override(token) if override is not None else None
+        if forced is None:
+            history.append(token)
+            yield token, False
+            y = next_y
+            continue
+        # Replace the token: undo the speculative step and feed the forced run instead.
+        for c in cache:
+            c.trim(1)
+        for t in forced:
+            history.append(t)
+            yield t, t != token
+        with mx.stream(generation_stream()):
+            y = pick(decode_one_token(model, forced, cache))
+        mx.async_eval(y)
+
+
+def _initial_reasoning(prompt_ids: Sequence[int], start_id: int | None, end_id: int | None) -> bool:
+    """True when the prompt ends inside an open <think> (Thinking-2507 templates do this)."""
+    if start_id is None:
+        return False
+    for t in reversed(prompt_ids):
+        if t == end_id:
+            return False
+        if t == start_id:
+            return True
+    return False
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    cache: list[KVCache] | None = None,
+    sampling: SamplingParams | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    thinking_budget: int | None = None,
+    grace: int = DEFAULT_GRACE,
+    prefill_step: int = 512,
+    prompt_tokens: int | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+) -> Iterator[Event]:
+    """Generate a reply to `prompt_ids`, yielding reasoning/answer text and a final Finished.
+
+    `max_tokens` bounds the answer; reasoning is bounded by `thinking_budget` (None: by
+    `max_tokens` more tokens). With `cache`, `prompt_ids` are only the tokens not yet in
+    it and `prompt_tokens` the whole prompt's length (for stats).
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty")
+    sampling = sampling or SamplingParams.for_mode(True)
+    cache = cache if cache is not None else model.make_cache()
+    start_id, end_id = tokenizer.think_start_id, tokenizer.think_end_id
+    reasoning = _initial_reasoning(prompt_ids, start_id, end_id)
+    budget = None
+    if thinking_budget is not None and end_id is not None:
+        closing = tokenizer.encode(CLOSING_TEXT)
+        budget = ThinkingBudget(thinking_budget, closing, start_id, end_id, grace, reasoning)
+    override = (lambda t: budget.on_token(t, tokenizer.decode([t]))) if budget else None
+    processors = [*make_logits_processors(sampling), *logits_processors]
+    timing = TokenStream()
+    mx.reset_peak_memory()
+    tokens = generate_tokens(
+        model, prompt_ids, cache, make_sampler(sampling), processors, override,
+        prefill_step, timing,
+    )  # fmt: skip
+
+    detok = tokenizer.detokenizer()
+    texts = {True: [], False: []}  # reasoning / answer pieces
+    counts = {True: 0, False: 0}
+    generated: list[int] = []
+    think_started = think_ended = None
+    finish = "length"
+    reasoning_cap = thinking_budget + grace + 64 + len(CLOSING_TEXT) if budget else max_tokens
+
+    def emit(text: str, is_reasoning: bool):
+        if not text:
+            return None
+        if not texts[is_reasoning]:
+            text = text.lstrip("\n")  # the template puts newlines after <think> / </think>
+            if not text:
+                return None
+        texts[is_reasoning].append(text)
+        return ReasoningText(text) if is_reasoning else AnswerText(text)
+
+    try:
+        for token, _forced in tokens:
+            generated.append(token)
+            if token in tokenizer.eos_ids:
+                finish = "stop"
+                break
+            if token == start_id:
+                if (ev := emit(detok.flush(), reasoning)) is not None:
+                    yield ev
+                reasoning, think_started = True, think_started or time.perf_counter()
+                continue
+            if token == end_id:
+                if (ev := emit(detok.flush(), True)) is not None:
+                    yield ev
+                reasoning, think_ended = False, time.perf_counter()
+                began = think_started or timing.first_token
+                hit = bool(budget and budget.hit)
+                yield ThinkingDone(counts[True], think_ended - began, hit)
+                continue
+            counts[reasoning] += 1
+            if (ev := emit(detok.add(token), reasoning)) is not None:
+                yield ev
+            if counts[False] >= max_tokens or (reasoning and counts[True] >= reasoning_cap):
+                break
+    finally:
+        tokens.close()
+    if (ev := emit(detok.flush(), reasoning)) is not None:
+        yield ev
+    end = time.perf_counter()
+    first = timing.first_token or end
+    prefill_s = max(first - timing.start, 1e-9)
+    n = len(generated)
+    stats = GenerationStats(
+        prompt_tokens=prompt_tokens if prompt_tokens is not None else len(prompt_ids),
+        prefill_tokens=timing.prefill_tokens,
+        reasoning_tokens=counts[True],
+        answer_tokens=counts[False],
+        prefill_tps=timing.prefill_tokens / prefill_s,
+        decode_tps=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
+        ttft_s=prefill_s,
+        total_s=end - timing.start,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        finish_reason=finish,
+        budget_hit=bool(budget and budget.hit),
+    )
+    yield Finished(stats, "".join(texts[True]).strip(), "".join(texts[False]).strip(),
+                   tuple(generated))  # fmt: skip

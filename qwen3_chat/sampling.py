@@ -1,0 +1,127 @@
+"""Sampling and penalties as small composable policies over logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def for_mode(cls, thinking: bool) -> SamplingParams:
+        """Qwen's recommended settings: thinking 0.6/0.95/20/0, non-thinking 0.7/0.8/20/0."""
+        if thinking:
+            return cls(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+        return cls(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+
+    def replace(self, **changes) -> SamplingParams:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def keep_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Mask all but the k most likely tokens."""
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k][..., None]
+    return mx.where(logprobs >= kth, logprobs, -mx.inf)
+
+
+def keep_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logprobs
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.exp(sorted_lp)
+    before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep_sorted = before < p
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def keep_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Drop tokens less likely than min_p times the most likely one."""
+    if min_p <= 0.0:
+        return logprobs
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+    return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """logits [B, V] -> token ids [B]; greedy at temperature 0, seeded when asked."""
+    if params.temperature <= 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+    key = [mx.random.key(params.seed)] if params.seed is not None else None
+
+    def sample(logits: mx.array) -> mx.array:
+        scaled = logits.astype(mx.float32) / params.temperature
+        lp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        lp = keep_min_p(keep_top_p(keep_top_k(lp, params.top_k), params.top_p), params.min_p)
+        if key is None:
+            return mx.random.categorical(lp, axis=-1)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(lp, axis=-1, key=sub)
+
+    return sample
+
+
+def presence_penalty(amount: float) -> LogitsProcessor:
+    """Subtract `amount` once from every token already generated (Qwen's recommended knob)."""
+
+    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        logits[..., tokens] = logits[..., tokens] - amount
+        return logits
+
+    return apply
+
+
+def repetition_penalty(amount: float) -> LogitsProcessor:
+    """Divide positive / multiply negative logits of already generated tokens."""
+
+    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        seen = logits[..., tokens]
+        logits[..., tokens] = mx.where(seen > 0, seen / amount, seen * amount)
+        return logits
+
+    return apply
+
+
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    processors: list[LogitsProcessor] = []
+    if params.presence_penalty:
+        processors.append(presence_penalty(params.presence_penalty))
+    if params.repetition_penalty and params.repetition_penalty != 1.0:
+        processors.append(repetition_penalty(params.repetition_penalty))
+    return processors
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], history: Sequence[int], logits: mx.array
+) -> mx.array:
+    if not processors:
+        return logits
+    tokens = mx.array(list(history), dtype=mx.int32)
+    for p in processors:
+        logits = p(tokens, logits)
+    return logits

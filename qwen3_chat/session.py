@@ -1,0 +1,273 @@
+"""ChatSession: the state of one conversation, separate from any presentation.
+
+It renders the whole conversation with the model's template every turn, and reuses the
+KV cache up to where the new prompt diverges from what the cache holds (the template
+drops earlier reasoning, so that is usually inside the previous assistant turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.generate import (
+    DEFAULT_MAX_TOKENS,
+    AnswerText,
+    ContextTrimmed,
+    Event,
+    Finished,
+    GenerationStats,
+    ReasoningText,
+    stream_generate,
+)
+from qwen3_chat.sampling import SamplingParams
+
+CAPABILITIES = ("hybrid", "never", "always")
+SAVE_VERSION = 1
+
+
+def soft_switch(text: str) -> bool | None:
+    """Qwen3's soft switch: a message ending in /think or /no_think sets that turn's mode."""
+    tail = text.rstrip()
+    if tail.endswith("/no_think") or tail.endswith("/nothink"):
+        return False
+    if tail.endswith("/think"):
+        return True
+    return None
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: str | None = None,
+        thinking: bool = True,
+        budget: int | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        sampling: SamplingParams | None = None,
+        capability: str = "hybrid",
+        context_length: int | None = None,
+    ):
+        if capability not in CAPABILITIES:
+            raise Qwen3ChatError(f"capability must be one of {', '.join(CAPABILITIES)}")
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.thinking = thinking and capability != "never"
+        self.budget = budget
+        self.max_tokens = max_tokens
+        self.sampling = sampling  # None: Qwen's recommended settings for each turn's mode
+        self.capability = capability
+        self.context_length = context_length or model.config.max_position_embeddings
+        self.messages: list[dict[str, Any]] = []
+        self.last_stats: GenerationStats | None = None
+        self._cache = None
+        self._cache_ids: list[int] = []  # the token ids whose keys/values the cache holds
+        self._pending: dict[str, Any] | None = None  # the turn being generated
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def can_think(self) -> bool:
+        return self.capability != "never"
+
+    def _thinking_for(self, text: str) -> bool:
+        if self.capability != "hybrid":
+            return self.capability == "always"
+        switch = soft_switch(text)
+        return self.thinking if switch is None else switch
+
+    def _conversation(self, messages: Sequence[dict]) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [
+            {k: v for k, v in m.items() if k in ("role", "content", "reasoning_content")}
+            for m in messages
+        ]
+
+    def render(self, thinking: bool, messages: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of the conversation plus the assistant header for the next reply."""
+        conv = self._conversation(self.messages if messages is None else messages)
+        text = self.tokenizer.apply_chat_template(
+            conv, add_generation_prompt=True, enable_thinking=thinking
+        )
+        return self.tokenizer.encode(text)
+
+    @property
+    def context_used(self) -> int:
+        if not self.messages and not self.system:
+            return 0
+        conv = self._conversation(self.messages)
+        if not conv:
+            return 0
+        text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
+        return len(self.tokenizer.encode(text))
+
+    # -- turns -------------------------------------------------------------------------
+    def send(self, text: str) -> Iterator[Event]:
+        """Add a user message and stream the reply."""
+        self.abort()  # a reply abandoned half-way is kept as interrupted
+        self.messages.append({"role": "user", "content": text})
+        return self._respond(self._thinking_for(text))
+
+    def retry(self) -> Iterator[Event]:
+        """Drop the last reply and generate it again."""
+        self.abort()
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise Qwen3ChatError("nothing to retry yet")
+        self.messages.pop()
+        return self._respond(self._thinking_for(self.messages[-1]["content"]))
+
+    def undo(self) -> bool:
+        """Remove the last exchange (reply and question); False when there is none."""
+        self.abort()
+        if not self.messages:
+            return False
+        if self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        return True
+
+    def clear(self) -> None:
+        self.abort()
+        self.messages.clear()
+
+    def _fit_context(self, thinking: bool) -> tuple[list[int], int]:
+        """Render, dropping the oldest exchanges while the prompt leaves too little room."""
+        reserve = min(
+            self.max_tokens + ((self.budget or 0) if thinking else 0), self.context_length // 4
+        )
+        dropped = 0
+        ids = self.render(thinking)
+        while len(ids) + reserve > self.context_length and self._drop_oldest_turn():
+            dropped += 1
+            ids = self.render(thinking)
+        if len(ids) >= self.context_length:
+            self.messages.pop()
+            raise Qwen3ChatError(
+                f"the prompt is {len(ids)} tokens, longer than the model's context "
+                f"of {self.context_length}"
+            )
+        return ids, dropped
+
+    def _drop_oldest_turn(self) -> bool:
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if len(users) < 2:
+            return False
+        del self.messages[: users[1]]
+        return True
+
+    def _reuse_cache(self, ids: list[int]) -> int:
+        """Trim the cache back to where `ids` diverges from it; returns tokens reused."""
+        if self._cache is None:
+            self._cache, self._cache_ids = self.model.make_cache(), []
+        keep = min(common_prefix(self._cache_ids, ids), len(ids) - 1)
+        for c in self._cache:
+            c.trim(c.offset - keep)
+        self._cache_ids = ids[:keep]
+        return keep
+
+    def _respond(self, thinking: bool) -> Iterator[Event]:
+        ids, dropped = self._fit_context(thinking)
+        if dropped:
+            yield ContextTrimmed(dropped, len(ids), self.context_length)
+        reused = self._reuse_cache(ids)
+        self._pending = {"ids": ids, "reasoning": [], "answer": []}
+        sampling = self.sampling or SamplingParams.for_mode(thinking)
+        for ev in stream_generate(
+            self.model,
+            self.tokenizer,
+            ids[reused:],
+            cache=self._cache,
+            sampling=sampling,
+            max_tokens=self.max_tokens,
+            thinking_budget=self.budget if thinking else None,
+            prompt_tokens=len(ids),
+        ):
+            if isinstance(ev, ReasoningText):
+                self._pending["reasoning"].append(ev.text)
+            elif isinstance(ev, AnswerText):
+                self._pending["answer"].append(ev.text)
+            elif isinstance(ev, Finished):
+                self._finish(ids, ev)
+            yield ev
+
+    def _finish(self, ids: list[int], ev: Finished) -> None:
+        msg: dict[str, Any] = {"role": "assistant", "content": ev.answer}
+        if ev.reasoning:
+            msg["reasoning_content"] = ev.reasoning
+        if ev.stats.finish_reason == "length":
+            msg["truncated"] = True
+        self.messages.append(msg)
+        offset = min(c.offset for c in self._cache)
+        self._cache_ids = (ids + list(ev.token_ids))[:offset]
+        self.last_stats = ev.stats
+        self._pending = None
+
+    def abort(self) -> None:
+        """After an interrupted reply: keep what was said, marked, and resync the cache."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        reasoning = "".join(pending["reasoning"]).strip()
+        msg: dict[str, Any] = {"role": "assistant", "content": "".join(pending["answer"]).strip()}
+        if reasoning:
+            msg["reasoning_content"] = reasoning
+        msg["interrupted"] = True
+        self.messages.append(msg)
+        # Which generated tokens reached the cache is unknown: keep only the prompt part.
+        keep = min([len(pending["ids"]), *(c.offset for c in self._cache)])
+        for c in self._cache:
+            c.trim(c.offset - keep)
+        self._cache_ids = pending["ids"][:keep]
+
+    # -- persistence -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        self.abort()
+        return {
+            "version": SAVE_VERSION,
+            "system": self.system,
+            "thinking": self.thinking,
+            "budget": self.budget,
+            "max_tokens": self.max_tokens,
+            "sampling": asdict(self.sampling) if self.sampling else None,
+            "capability": self.capability,
+            "messages": [dict(m) for m in self.messages],
+        }
+
+    @classmethod
+    def from_dict(cls, model, tokenizer, d: dict[str, Any], **overrides) -> ChatSession:
+        try:
+            if d.get("version") != SAVE_VERSION:
+                raise ValueError(f"unknown save version {d.get('version')!r}")
+            messages = d["messages"]
+            for m in messages:
+                if m.get("role") not in ("user", "assistant") or not isinstance(
+                    m.get("content"), str
+                ):
+                    raise ValueError(f"bad message {str(m)[:60]!r}")
+            sampling = SamplingParams(**d["sampling"]) if d.get("sampling") else None
+            kwargs = dict(
+                system=d.get("system"),
+                thinking=bool(d.get("thinking", True)),
+                budget=d.get("budget"),
+                max_tokens=int(d.get("max_tokens", DEFAULT_MAX_TOKENS)),
+                sampling=sampling,
+                capability=d.get("capability", "hybrid"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise Qwen3ChatError(f"not a saved qwen3-chat conversation: {e}") from None
+        kwargs.update(overrides)
+        session = cls(model, tokenizer, **kwargs)
+        session.messages = [dict(m) for m in messages]
+        return session
