@@ -89,7 +89,7 @@ def generation_stream() -> mx.Stream:
     return _stream
 
 
-def prefill(model, ids: Sequence[int], cache: list[KVCache], step: int = 512) -> mx.array:
+def prefill(model, ids: Sequence[int], cache: list[KVCache], step: int = 2048) -> mx.array:
     """Run `ids` through the model in chunks; returns the next-token logits [1, V]."""
     ids = list(ids)
     for start in range(0, len(ids) - step, step):
@@ -121,7 +121,7 @@ def generate_tokens(
     sampler,
     processors: Sequence[LogitsProcessor],
     override=None,
-    prefill_step: int = 512,
+    prefill_step: int = 2048,
     timing: TokenStream | None = None,
 ) -> Iterator[tuple[int, bool]]:
     """Yield (token id, forced) pairs. `override(id) -> ids | None` may replace a token."""
@@ -183,7 +183,7 @@ def stream_generate(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     thinking_budget: int | None = None,
     grace: int = DEFAULT_GRACE,
-    prefill_step: int = 512,
+    prefill_step: int = 2048,
     prompt_tokens: int | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[Event]:

@@ -73,8 +73,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
+        if last_only:
+            h = h[:, -1:, :]  # the cache is filled; only the last position feeds the logits
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -86,11 +88,14 @@ class Qwen3Model(nn.Module):
         self.layers = [DecoderLayer(config, i, rope) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[KVCache] | None, last_only: bool = False
+    ) -> mx.array:
         h = self.embed_tokens(inputs)
         caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches, strict=True):
-            h = layer(h, c)
+        last = len(self.layers) - 1
+        for i, (layer, c) in enumerate(zip(self.layers, caches, strict=True)):
+            h = layer(h, c, last_only=last_only and i == last)
         return h
 
 
@@ -106,10 +111,9 @@ class Model(nn.Module):
         self, inputs: mx.array, cache: list[KVCache] | None = None, last_only: bool = False
     ) -> mx.array:
         """inputs: int32 [B, L] -> logits [B, L, vocab] ([B, 1, vocab] with last_only)."""
-        h = self.model(inputs, cache)
-        if last_only:
-            h = h[:, -1:, :]  # prefill needs only the next-token logits
-        h = self.model.norm(h)
+        # With last_only, the last layer's MLP, the norm and lm_head run on one position:
+        # prefill needs only the next-token logits.
+        h = self.model.norm(self.model(inputs, cache, last_only))
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
