@@ -36,19 +36,23 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
         self.rope = rope
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
+        """With last_only, every position's keys/values reach the cache but only the last
+        position queries: the final layer of a prefill needs nothing more."""
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
         k = self.k_norm(self.k_proj(x).reshape(b, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        xq = x[:, -1:, :] if last_only else x
+        nq = xq.shape[1]
+        q = self.q_norm(self.q_proj(xq).reshape(b, nq, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q, k = self.rope(q, offset=offset + n - nq), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # "causal" aligns to the bottom-right, so it also holds for a chunk after cached tokens.
-        mask = "causal" if n > 1 else None
+        mask = "causal" if nq > 1 else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, nq, -1))
 
 
 class MLP(nn.Module):
@@ -74,9 +78,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        if last_only:
-            h = h[:, -1:, :]  # the cache is filled; only the last position feeds the logits
+        residual = x[:, -1:, :] if last_only else x
+        h = residual + self.self_attn(self.input_layernorm(x), cache, last_only)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
