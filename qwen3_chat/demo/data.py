@@ -314,11 +314,17 @@ def write_tokenizer(tok: HFTokenizer, out: Path) -> None:
 
 
 def chat_tokenizer(tok: HFTokenizer):
-    """Our runtime Tokenizer around a freshly trained backend (renders CHAT_TEMPLATE)."""
+    """Our runtime Tokenizer for a freshly trained backend, via its public from_dir.
+
+    Going through the written files means training sees exactly what users load.
+    """
+    import tempfile
+
     from qwen3_chat.tokenizer import Tokenizer
 
-    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    return Tokenizer(tok, CHAT_TEMPLATE, ["<|im_end|>"], [], special)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(tok, Path(tmp))
+        return Tokenizer.from_dir(tmp)
 
 
 def encode_example(tokenizer, ex: Example) -> tuple[list[int], list[int]]:

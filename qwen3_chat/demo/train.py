@@ -56,6 +56,7 @@ MODEL_CONFIG: dict[str, Any] = {
 @dataclass
 class TrainConfig:
     seed: int = 0
+    order_seed: int = 1  # data order; a resumed stage uses another one
     examples: int = 12000
     vocab_size: int = 512
     batch_size: int = 16
@@ -73,7 +74,7 @@ def batches(encoded: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id
     The CPU is the bottleneck, so padding is wasted compute: each chunk of `bucket`
     batches is sorted by length before batching, and the batch order is shuffled again.
     """
-    rng = random.Random(cfg.seed + 1)
+    rng = random.Random(cfg.order_seed)
     order = list(range(len(encoded)))
     chunk = cfg.batch_size * cfg.bucket
     while True:
@@ -133,6 +134,7 @@ def train(
     out: Path | None,
     log=print,
     model_config: dict[str, Any] | None = None,
+    init: Path | None = None,
 ) -> dict[str, float]:
     """Train from scratch; write the folder to `out` (unless None). Returns time and loss."""
     model_config = {**MODEL_CONFIG, **(model_config or {})}
@@ -143,6 +145,10 @@ def train(
     chat = data.chat_tokenizer(tok)
     encoded = [data.encode_example(chat, ex) for ex in examples]
     model = Model(ModelConfig.from_dict({**model_config, "vocab_size": tok.get_vocab_size()}))
+    if init is not None:  # a second stage: continue from a saved folder's weights
+        from qwen3_chat.loader import load_model
+
+        model.update(load_model(init, dtype=mx.float32).parameters())
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log(f"{len(examples)} examples, {sum(len(e[0]) for e in encoded)} tokens, "
@@ -230,11 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="folder to write the trained model to")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--resume", type=Path, help="start from this folder's weights")
+    p.add_argument("--order-seed", type=int, default=TrainConfig.order_seed)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--eval", type=Path, help="evaluate this folder on held-out sums")
     args = p.parse_args(argv)
     log = partial(print, flush=True)  # a script: printing is its job
     if args.out:
-        stats = train(TrainConfig(steps=args.steps), args.out, log)
+        cfg = TrainConfig(steps=args.steps, order_seed=args.order_seed, lr=args.lr)
+        stats = train(cfg, args.out, log, init=args.resume)
         log(f"trained in {stats['seconds']:.0f}s, final loss {stats['final_loss']:.4f}")
     if args.eval or args.out:
         evaluate(args.eval or args.out, log=log)
