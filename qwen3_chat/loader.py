@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import struct
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,11 +24,21 @@ from mlx.utils import tree_flatten
 from qwen3_chat.config import ModelConfig
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.model import Model
-from qwen3_chat.quantize import apply_quantization_config, quantize_model
+from qwen3_chat.quantize import (
+    apply_quantization_config,
+    check_quantization_block,
+    quantize_model,
+)
+
+if TYPE_CHECKING:
+    from qwen3_chat.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHARD_BYTES = 5 * 1024**3
+FLOAT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# Hugging Face stores MoE experts one by one: prefix, expert index, projection.param.
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+\.\w+)$")
 
 
 def default_dtype() -> mx.Dtype:
@@ -59,7 +72,18 @@ def check_safetensors(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path.name}: corrupt safetensors header")
     header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    end = 0
+    for name, info in header.items():
+        # A malformed entry would otherwise surface as a KeyError/TypeError from deep inside.
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise ModelLoadError(f"{path.name}: corrupt safetensors header entry for tensor {name}")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise ModelLoadError(
             f"{path.name}: truncated safetensors file ({size} bytes, header needs {8 + n + end})"
@@ -75,9 +99,12 @@ def weight_files(path: Path) -> list[Path]:
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise ModelLoadError(f"{INDEX_FILE}: no weight_map")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+            raise ModelLoadError(f"{INDEX_FILE}: weight_map must map tensor names to file names")
         names = sorted(set(wmap.values()))
         for name in names:
-            if Path(name).name != name:
+            # Shards must sit in this folder: no "../" or absolute paths from a downloaded index.
+            if Path(name).name != name or name in (".", ".."):
                 raise ModelLoadError(f"{INDEX_FILE}: bad shard name {name!r}")
             if not (path / name).exists():
                 raise ModelLoadError(f"{INDEX_FILE} lists {name}, which is missing")
@@ -143,30 +170,77 @@ def _eval_by_layer(model: Model) -> None:
     mx.eval(model.parameters())
 
 
+def _resolve_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype:
+    if dtype is None:
+        return default_dtype()
+    if isinstance(dtype, str):
+        if dtype not in FLOAT_DTYPES:
+            raise ModelLoadError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, not {dtype!r}")
+        return FLOAT_DTYPES[dtype]
+    if dtype not in FLOAT_DTYPES.values():
+        raise ModelLoadError(f"dtype must be a floating type, not {dtype}")
+    return dtype
+
+
+def _check_experts(weights: dict[str, mx.array], origin: dict[str, str]) -> None:
+    """Per-expert tensors must agree in shape before Model.sanitize stacks them (mx.stack
+    would otherwise fail with a bare ValueError that names no tensor)."""
+    first: dict[tuple[str, str], tuple[str, tuple[int, ...]]] = {}
+    for key in sorted(weights):
+        m = EXPERT_KEY.match(key)
+        if m is None:
+            continue
+        group = (m.group(1), m.group(3))
+        shape = tuple(weights[key].shape)
+        ref = first.setdefault(group, (key, shape))
+        if shape != ref[1]:
+            raise ModelLoadError(
+                f"{origin.get(key, 'checkpoint')}: tensor {key} has shape {shape}, "
+                f"expected {ref[1]} like {ref[0]}"
+            )
+
+
 def load_model(
-    path: str | Path, *, bits: int | None = None, dtype: mx.Dtype | None = None
+    path: str | Path, *, bits: int | None = None, dtype: mx.Dtype | str | None = None
 ) -> Model:
+    """Build a Model from a local Hugging Face-layout folder (float or MLX pre-quantized).
+
+    `bits=4|8` quantizes a float checkpoint on load (group size 64, router at 8 bits).
+    """
     path = Path(path)
+    if bits is not None and bits not in (4, 8):
+        raise ModelLoadError(f"bits must be 4 or 8, not {bits}")
+    compute_dtype = _resolve_dtype(dtype)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model folder")
     config = ModelConfig.from_dict(_read_json(path / "config.json"))
-    if bits is not None and bits not in (4, 8):
-        raise ModelLoadError(f"bits must be 4 or 8, not {bits}")
+    if config.quantization:
+        check_quantization_block(config.quantization)
+        if bits is not None:
+            raise ModelLoadError(f"{path}: already quantized; drop --bits")
     weights, origin = read_weights(path)
     model = Model(config)
-    weights = model.sanitize(weights)
+    _check_experts(weights, origin)
+    try:
+        weights = model.sanitize(weights)
+    except (ValueError, RuntimeError) as e:  # anything sanitize did not phrase itself
+        raise ModelLoadError(
+            f"{path}: cannot map checkpoint tensors onto the model ({e})"
+        ) from None
     if config.quantization:
         apply_quantization_config(model, config.quantization, weights)
     _validate(model, weights, origin)
-    dtype = dtype or default_dtype()
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(
+        [
+            (k, v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+            for k, v in weights.items()
+        ],
+        strict=True,
+    )
+    # Drop our references to the (lazy) float tensors: otherwise evaluating the quantized
+    # weights below would keep every float tensor alive and double the peak memory.
+    del weights
     if bits is not None:
-        if config.quantization:
-            raise ModelLoadError(f"{path}: already quantized; drop --bits")
         quantize_model(model, bits)
     try:
         _eval_by_layer(model)
@@ -176,49 +250,88 @@ def load_model(
     return model
 
 
-def load(path: str | Path, *, bits: int | None = None, dtype: mx.Dtype | None = None):
+def load(
+    path: str | Path, *, bits: int | None = None, dtype: mx.Dtype | str | None = None
+) -> tuple[Model, Tokenizer]:
     """Load a local Qwen3 folder: returns (model, tokenizer)."""
+    # Imported here so load_model works (and imports fast) without the tokenizer module.
     from qwen3_chat.tokenizer import Tokenizer
 
     model = load_model(path, bits=bits, dtype=dtype)
     return model, Tokenizer.from_dir(Path(path))
 
 
-def save_model(model: nn.Module, config: dict, out_dir: str | Path) -> Path:
-    """Write `model` as safetensors shards + config.json, atomically replacing nothing.
-
-    The folder is assembled beside `out_dir` and renamed into place, so an interrupted
-    save never leaves a half-written model that looks complete.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ModelLoadError(f"{out_dir}: exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    params = dict(tree_flatten(model.parameters()))
+def _shard(params: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for k in sorted(params):
-        if size and size + params[k].nbytes > SHARD_BYTES:
+        if size and size + params[k].nbytes > max_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = params[k]
         size += params[k].nbytes
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards):
-        name = (
-            "model.safetensors"
-            if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
-        weight_map.update(dict.fromkeys(shard, name))
-    if len(shards) > 1:
-        total = sum(v.nbytes for v in params.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    return shards
+
+
+def save_model(
+    model: nn.Module,
+    config: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    extra_files: Iterable[str | Path] = (),
+    max_shard_bytes: int = SHARD_BYTES,
+) -> Path:
+    """Write `model` as safetensors shards + config.json (+ `extra_files`, e.g. the tokenizer).
+
+    The quantization block comes from `config` or, failing that, from `model.config`
+    (recorded by quantize_model) and is written as both `quantization` and
+    `quantization_config`, as MLX-community folders do. The folder is assembled beside
+    `out_dir` and renamed into place, so an interrupted save never leaves a half-written
+    model that looks complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ModelLoadError(f"{out_dir}: exists and is not an empty folder")
+    extra = [Path(f) for f in extra_files]
+    for f in extra:
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: no such file to copy into {out_dir}")
+    config = dict(config)
+    quant = config.get("quantization") or getattr(
+        getattr(model, "config", None), "quantization", None
+    )
+    if quant:
+        config["quantization"] = config["quantization_config"] = quant
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise ModelLoadError(f"{out_dir}: cannot create ({e})") from None
+    try:
+        params = dict(tree_flatten(model.parameters()))
+        shards = _shard(params, max_shard_bytes)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            name = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
+            weight_map.update(dict.fromkeys(shard, name))
+        if len(shards) > 1:
+            total = sum(v.nbytes for v in params.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in extra:
+            shutil.copyfile(f, tmp / f.name)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):  # disk full, permissions, MLX write errors
+            raise ModelLoadError(f"{out_dir}: cannot write model ({e})") from None
+        raise
     return out_dir
