@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from qwen3_chat.cache import KVCache
 from qwen3_chat.config import ModelConfig
-from qwen3_chat.moe import SparseMoeBlock
+from qwen3_chat.moe import SparseMoeBlock, swiglu
 from qwen3_chat.rope import make_rope
 
 
@@ -63,7 +63,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -7,12 +7,25 @@ Experts are stacked into one [E, out, in] tensor per projection and applied with
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
 # Below this many (token, expert) pairs, sorting costs more than it saves.
 SORT_THRESHOLD = 64
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up as one fused kernel (decode is launch-bound on a GPU)."""
+    return nn.silu(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def combine_experts(y: mx.array, scores: mx.array) -> mx.array:
+    """Weighted sum of the k expert outputs [..., k, H] -> [..., H], fused."""
+    return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
 
 
 class SwitchLinear(nn.Module):
@@ -105,7 +118,7 @@ class SwitchGLU(nn.Module):
             x, idx, inverse = _sort_by_expert(x, indices)
         else:
             x, idx = mx.expand_dims(x, (-2, -3)), indices
-        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
+        h = swiglu(self.gate_proj(x, idx, do_sort), self.up_proj(x, idx, do_sort))
         y = self.down_proj(h, idx, do_sort)
         if do_sort:
             y = y[inverse].reshape(*lead, k, y.shape[-1])
@@ -126,9 +139,10 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Top-k expert indices and their (optionally renormalised) softmax weights."""
-        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        # precise=True: the softmax accumulates in float32 whatever the compute dtype.
+        probs = mx.softmax(self.gate(x), axis=-1, precise=True)
         k = self.top_k
-        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
+        indices = mx.stop_gradient(mx.argpartition(probs, kth=-k, axis=-1)[..., -k:])
         scores = mx.take_along_axis(probs, indices, axis=-1)
         if self.norm_topk_prob:
             scores = scores / scores.sum(axis=-1, keepdims=True)
@@ -136,5 +150,4 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, scores = self.route(x)
-        y = self.switch_mlp(x, indices)
-        return (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
+        return combine_experts(self.switch_mlp(x, indices), scores)
