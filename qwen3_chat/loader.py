@@ -161,6 +161,16 @@ def _validate(model: nn.Module, weights: dict[str, mx.array], origin: dict[str, 
                 f"{_where(k, origin)}: tensor {k} has shape {tuple(v.shape)}, "
                 f"expected {tuple(expected[k].shape)}"
             )
+        # Packed quantized weights are uint32, everything else a float we cast: anything else
+        # (an int norm, a float where packed bits belong) would only fail deep inside MLX.
+        want_float = mx.issubdtype(expected[k].dtype, mx.floating)
+        if want_float != mx.issubdtype(v.dtype, mx.floating) or (
+            not want_float and v.dtype != expected[k].dtype
+        ):
+            raise ModelLoadError(
+                f"{_where(k, origin)}: tensor {k} has dtype {v.dtype}, "
+                f"expected {'a float type' if want_float else expected[k].dtype}"
+            )
 
 
 def _eval_by_layer(model: Model) -> None:

@@ -208,3 +208,10 @@ def test_load_returns_the_real_tokenizer(tmp_path, qwen3_tokenizer_dir):
     ids = tokenizer.encode("Hello world")
     assert ids and tokenizer.decode(ids) == "Hello world"
     assert model(mx.array([ids], dtype=mx.int32) % 512).shape == (1, len(ids), 512)
+
+
+def test_wrong_dtype(ckpt):
+    key = "model.layers.0.input_layernorm.weight"
+    _rewrite(ckpt, lambda w: w.update({key: np.ones(64, np.int32)}))
+    with pytest.raises(ModelLoadError, match=rf"{key} has dtype mlx.core.int32, expected a float"):
+        load_model(ckpt)
