@@ -49,6 +49,7 @@ def test_quantized_on_load_matches_mlx_lm(tmp_path, moe, bits, tied):
     path = make_checkpoint(tmp_path / "m", qconfig(moe, tie_word_embeddings=tied))
     ours = load_model(path, bits=bits)
     ref, ref_cfg = mlx_lm_load(Path(path))
+    assert ours.config.quantization["bits"] == bits  # what `qwen3 convert` saves
     mlx_lm_quantize(ref, ref_cfg, 64, bits)
     x = tokens(10)
     assert greedy(ours, x) == greedy(ref, x)
