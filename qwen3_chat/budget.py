@@ -55,9 +55,11 @@ class ThinkingBudget:
         over = self.used - self.budget  # >0: this token is past the budget
         if over <= 0:
             return None
+        if "\n" in text:
+            return self._close(keep=token)  # the line is finished: cut right after it
         if over > self.grace and text[:1].isspace():
             return self._close(keep=None)  # a new word would start here: cut before it
-        if "\n" in text or over >= self.grace + WORD_WAIT:
+        if over >= self.grace + WORD_WAIT:
             return self._close(keep=token)
         return None
 

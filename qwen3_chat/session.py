@@ -85,7 +85,9 @@ class ChatSession:
         if self.capability != "hybrid":
             return self.capability == "always"
         switch = soft_switch(text)
-        return self.thinking if switch is None else switch
+        if switch is not None:
+            return switch
+        return self.thinking and self.budget != 0  # a zero budget means non-thinking mode
 
     def _conversation(self, messages: Sequence[dict]) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -143,7 +145,17 @@ class ChatSession:
         self.messages.clear()
 
     def _fit_context(self, thinking: bool) -> tuple[list[int], int]:
-        """Render, dropping the oldest exchanges while the prompt leaves too little room."""
+        """Render, dropping the oldest exchanges while the prompt leaves too little room.
+
+        A message too long even on its own is rejected before any history is dropped.
+        """
+        alone = self.render(thinking, self.messages[-1:])
+        if len(alone) >= self.context_length:
+            self.messages.pop()
+            raise Qwen3ChatError(
+                f"the prompt is {len(alone)} tokens, longer than the model's context "
+                f"of {self.context_length}"
+            )
         reserve = min(
             self.max_tokens + ((self.budget or 0) if thinking else 0), self.context_length // 4
         )
@@ -152,12 +164,6 @@ class ChatSession:
         while len(ids) + reserve > self.context_length and self._drop_oldest_turn():
             dropped += 1
             ids = self.render(thinking)
-        if len(ids) >= self.context_length:
-            self.messages.pop()
-            raise Qwen3ChatError(
-                f"the prompt is {len(ids)} tokens, longer than the model's context "
-                f"of {self.context_length}"
-            )
         return ids, dropped
 
     def _drop_oldest_turn(self) -> bool:
