@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -31,12 +30,25 @@ DEMO_ALIAS = "demo"
 class _Group(TyperGroup):
     """Every command's Qwen3ChatError becomes one line on stderr and exit 1, no traceback."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except Qwen3ChatError as e:
-            click.echo(f"error: {e}", err=True)
-            raise click.exceptions.Exit(1) from None
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except BrokenPipeError:
+            # `qwen3 chat ... | head -1`: the reader is gone, which is not an error. Point
+            # stdout at devnull so the flush at exit does not complain again.
+            _silence_stdout()
+            raise typer.Exit(0) from None
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (tests): nothing will flush to a closed pipe
 
 
 app = typer.Typer(
@@ -290,9 +302,7 @@ def main() -> None:
     try:
         app()
     except BrokenPipeError:
-        # Python would complain again when flushing stdout at exit: point it at devnull.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         sys.exit(0)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -118,6 +118,8 @@ class LiveTurn:
             elif self._live is not None:
                 self._live.update(self._thinking_view())
         elif kind == "ThinkingDone":
+            if self._phase in ("thought", "answer"):
+                return None  # a stray </think> inside the answer: the block already closed
             self._stop_live()
             if self.show_thinking:
                 self.console.print()

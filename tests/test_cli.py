@@ -1,0 +1,212 @@
+"""The `qwen3` CLI, one-shot and piped: real demo model, real subprocesses where it matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from checkpoints import make_checkpoint, tiny_config
+from typer.testing import CliRunner
+
+from qwen3_chat.cli import app
+
+ANSI = re.compile(r"\x1b\[")
+QUESTION = "What is 23 + 14?"
+JSON_KEYS = {"answer", "reasoning", "model", "usage", "timings", "finish_reason", "budget_hit"}
+
+
+def run(*args: str, input: str | bytes | None = None, env: dict | None = None):
+    return CliRunner().invoke(app, list(args), input=input, env=env)
+
+
+def chat_json(*args: str, input: str | None = None) -> dict:
+    result = run("chat", "-m", "demo", "--temp", "0", "--json", *args, input=input)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def demo_reference() -> tuple[str, str]:
+    """The demo model's greedy reply to QUESTION, computed through the library directly."""
+    from qwen3_chat import ChatSession, SamplingParams, load
+    from qwen3_chat.demo import DEMO_MODEL_DIR
+    from qwen3_chat.generate import Finished
+
+    model, tok = load(DEMO_MODEL_DIR)
+    session = ChatSession(model, tok, sampling=SamplingParams(temperature=0), budget=4096)
+    done = [e for e in session.send(QUESTION) if isinstance(e, Finished)][0]
+    assert done.answer and done.reasoning
+    return done.reasoning, done.answer
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """Random weights + the real tokenizer: never says <|im_end|>, so it runs to max-tokens."""
+    path = tmp_path_factory.mktemp("random") / "tiny"
+    return make_checkpoint(path, tiny_config(), tokenizer_dir=qwen3_tokenizer_dir)
+
+
+def test_help_and_version_do_not_import_mlx():
+    code = ("import sys\nfrom qwen3_chat.cli import app\nfrom typer.testing import CliRunner\n"
+            "r = CliRunner().invoke(app, ['--help'])\n"
+            "assert r.exit_code == 0 and 'chat' in r.stdout, r.output\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', "
+            "'transformers', 'numpy'))\nprint(heavy)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # The installed entry point, as a user runs it; -X importtime lists every module loaded.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qwen3_chat", "--help"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert "chat" in proc.stdout
+    assert not re.search(r"\|\s+mlx(\.|$)", proc.stderr, re.M)
+    version = run("--version")
+    assert version.exit_code == 0 and re.fullmatch(r"qwen3-chat \d+\.\d+\.\d+\s*", version.stdout)
+
+
+def test_help_startup_time():
+    """`qwen3 --help` stays fast (median of 10; generous bound for a shared 2-core box)."""
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "qwen3_chat", "--help"], capture_output=True,
+                       check=True)  # fmt: skip
+        times.append(time.perf_counter() - t)
+    assert statistics.median(times) < 2.0
+
+
+def test_chat_help_lists_every_option():
+    result = run("chat", "--help")
+    assert result.exit_code == 0
+    for opt in ("--model", "-m", "--think", "--no-think", "--budget", "--max-tokens", "--temp",
+                "--top-p", "--top-k", "--min-p", "--presence-penalty", "--seed", "--system",
+                "--show-thinking", "--hide-thinking", "--json", "--bits"):  # fmt: skip
+        assert opt in result.stdout, opt
+
+
+def test_one_shot_prints_only_the_answer_plain(demo_reference):
+    reasoning, answer = demo_reference
+    result = run("chat", "-m", "demo", "--temp", "0", QUESTION)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == answer + "\n"  # the same reply the library gives, nothing else
+    assert not ANSI.search(result.stdout) and reasoning not in result.stderr
+
+
+def test_piped_stdin_is_the_prompt_and_prompt_arg_is_prepended(demo_reference):
+    _, answer = demo_reference
+    piped = run("chat", "-m", "demo", "--temp", "0", input=QUESTION + "\n")
+    assert piped.exit_code == 0 and piped.stdout == answer + "\n"
+    both = chat_json("Please answer.", input=QUESTION)
+    alone = chat_json(QUESTION)
+    assert both["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"]
+
+
+def test_show_thinking_sends_reasoning_to_stderr_only(demo_reference):
+    reasoning, answer = demo_reference
+    result = run("chat", "-m", "demo", "--temp", "0", "--show-thinking", QUESTION)
+    assert result.exit_code == 0
+    assert result.stdout == answer + "\n"
+    assert reasoning in result.stderr and "Thought for" in result.stderr
+    assert not ANSI.search(result.stderr)
+
+
+def test_json_schema(demo_reference):
+    reasoning, answer = demo_reference
+    out = chat_json(QUESTION)
+    assert set(out) == JSON_KEYS
+    assert out["answer"] == answer and out["reasoning"] == reasoning and out["model"] == "demo"
+    assert set(out["usage"]) == {"prompt_tokens", "reasoning_tokens", "answer_tokens"}
+    assert all(isinstance(v, int) and v > 0 for v in out["usage"].values())
+    assert {"ttft_s", "total_s"} <= set(out["timings"])
+    assert 0 < out["timings"]["ttft_s"] <= out["timings"]["total_s"]
+    assert out["finish_reason"] == "stop" and out["budget_hit"] is False
+
+
+def test_no_think_and_budget_and_max_tokens():
+    plain = chat_json("--no-think", QUESTION)
+    assert plain["reasoning"] == "" and plain["usage"]["reasoning_tokens"] == 0 and plain["answer"]
+    cut = chat_json("--budget", "5", QUESTION)
+    assert cut["budget_hit"] is True and cut["answer"]
+    short = chat_json("--max-tokens", "3", "--no-think", QUESTION)
+    assert short["finish_reason"] == "length" and short["usage"]["answer_tokens"] == 3
+
+
+def test_sampling_options_and_seed_are_reproducible():
+    args = ("--temp", "1.0", "--top-p", "0.9", "--top-k", "50", "--min-p", "0.05",
+            "--presence-penalty", "0.5", "--seed", "7", QUESTION)  # fmt: skip
+    assert chat_json(*args)["answer"] == chat_json(*args)["answer"]
+
+
+def test_system_prompt_reaches_the_model():
+    bare = chat_json("--no-think", QUESTION)
+    with_system = chat_json("--no-think", "--system", "You are terse.", QUESTION)
+    assert with_system["usage"]["prompt_tokens"] > bare["usage"]["prompt_tokens"]
+
+
+def test_model_from_environment(demo_reference):
+    result = run("chat", "--temp", "0", "--json", QUESTION, env={"QWEN3_MODEL": "demo"})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == "demo"
+
+
+@pytest.mark.parametrize("stdin", ["", "  \n\n"])
+def test_empty_prompt_exits_2_with_one_line(stdin):
+    result = run("chat", "-m", "demo", input=stdin)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "empty prompt" in result.stderr
+
+
+def test_prompt_longer_than_context_exits_2():
+    result = run("chat", "-m", "demo", input="12 + 30 " * 2000)
+    assert result.exit_code == 2 and result.stdout == ""
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "longer than the model's context of 2048" in line
+
+
+def test_bad_bits_exits_2():
+    result = run("chat", "-m", "demo", "--bits", "3", "hi")
+    assert result.exit_code == 2 and "--bits must be 4 or 8" in result.stderr
+
+
+def test_invalid_utf8_is_replaced_with_a_warning():
+    result = run("chat", "-m", "demo", "--temp", "0", "--json", input=b"What is 2 + 3?\xff\xfe\n")
+    assert result.exit_code == 0
+    assert "not valid UTF-8" in result.stderr
+    assert json.loads(result.stdout)["usage"]["prompt_tokens"] > 0
+
+
+def _one_line_error(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, "-m", "qwen3_chat", *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_bad_model_is_one_stderr_line_exit_1(tmp_path):
+    assert "not found" in _one_line_error(["chat", "-m", str(tmp_path / "missing"), "hi"])
+    broken = tmp_path / "llama"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps(tiny_config(model_type="llama")))
+    line = _one_line_error(["chat", "-m", str(broken), "hi"])
+    assert line.startswith("error: ") and "llama" in line
+
+
+def test_piped_into_head_ends_quietly(random_model):
+    cmd = [sys.executable, "-m", "qwen3_chat", "chat", "-m", str(random_model), "--seed", "0",
+           "--max-tokens", "100000", "hi"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(64)  # text is streaming; now the reader goes away, like head
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
