@@ -27,7 +27,7 @@ PLAIN_TEMPLATE = (
 class Term:
     """A REPL in a pty that answers prompt-toolkit's cursor-position requests like a terminal."""
 
-    def __init__(self, args: list[str], state: Path, timeout: float = 60):
+    def __init__(self, args: list[str], state: Path, timeout: float = 30):
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLS),
                "LINES": str(ROWS), "XDG_STATE_HOME": str(state), "NO_COLOR": "1"}  # fmt: skip
         self.child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "chat", *args], env=env,
@@ -127,8 +127,44 @@ def test_demo_session_think_show_no_think_budget_save_load(tmp_path, demo_reason
     term.send("/show 1")
     term.expect(re.escape(demo_reasoning[:30]))
 
+    term.send("/stats")
+    term.expect("no answer yet")  # a loaded conversation has no fresh numbers
+    term.send("/retry")
+    term.expect("stopped by the thinking budget")
+    term.expect("tok/s")
+    term.send("/stats")
+    term.expect(r"finish stop · budget hit")
+    term.send("/undo")
+    term.expect("removed the last exchange")
+    term.expect(r"context [1-9]\d*/2048")
+    term.send("/system Be brief.")
+    term.expect("system prompt set")
+    term.send(f"/save {saved}")
+    term.expect("saved 4 messages")
+    assert json.loads(saved.read_text())["system"] == "Be brief."
+    term.send("/help")
+    term.expect("/budget N\\|off")
     term.send("/thnk")
     term.expect("did you mean /think")
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def test_context_warning_then_oldest_turns_dropped(tmp_path):
+    term = Term(["-m", "demo", "--temp", "0", "--no-think", "--max-tokens", "8"],
+                tmp_path / "state")  # fmt: skip
+    long = "What is 12 + 30? " * 40  # ~440 tokens of the demo's 2048
+    term.prompt()
+    for _ in range(3):
+        term.send(long)
+        term.expect("tok/s")
+        term.prompt()
+    term.send(long)
+    term.expect(r"context \d+/2048 tokens: the oldest exchanges will be dropped soon")
+    term.prompt()
+    term.send(long)
+    term.expect(r"dropped the \d+ oldest exchange\(s\)")
+    term.expect("tok/s")
     term.send("/exit")
     assert term.close() == 0
 
@@ -166,6 +202,9 @@ def test_ctrl_c_mid_answer_keeps_partial_and_next_question_works(tmp_path, never
     saved = tmp_path / "partial.json"
     term.send(f"/save {saved}")
     term.expect("saved 4 messages")
+    term.send("/model demo")
+    term.expect(r"now chatting with demo \(hybrid\)")
+    term.expect("demo │ no_think")
     term.send("/exit")
     assert term.close() == 0
     msgs = json.loads(saved.read_text())["messages"]
