@@ -30,8 +30,11 @@ class Term:
     def __init__(self, args: list[str], state: Path, timeout: float = 30):
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLS),
                "LINES": str(ROWS), "XDG_STATE_HOME": str(state), "NO_COLOR": "1"}  # fmt: skip
+        # Ctrl-C makes the tty driver flush its output queue, which can cut a UTF-8
+        # character in half: decode leniently, as a terminal would.
         self.child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "chat", *args], env=env,
-                                   encoding="utf-8", dimensions=(ROWS, COLS), timeout=timeout)
+                                   encoding="utf-8", codec_errors="replace",
+                                   dimensions=(ROWS, COLS), timeout=timeout)  # fmt: skip
         self.seen = ""  # everything printed since the last send
 
     def expect(self, pattern: str) -> str:
