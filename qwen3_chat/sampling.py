@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, replace
 
 import mlx.core as mx
 
+from qwen3_chat.errors import Qwen3ChatError
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -20,6 +22,19 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Caught here, by name, rather than as NaNs or an MLX error mid-generation.
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Qwen3ChatError(f"bad sampling setting: {message}")
 
     @classmethod
     def for_mode(cls, thinking: bool) -> SamplingParams:
@@ -108,6 +123,7 @@ def repetition_penalty(amount: float) -> LogitsProcessor:
 
 
 def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """The penalties `params` asks for, each `(generated_ids, logits) -> logits`."""
     processors: list[LogitsProcessor] = []
     if params.presence_penalty:
         processors.append(presence_penalty(params.presence_penalty))
@@ -117,11 +133,12 @@ def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
 
 
 def apply_processors(
-    processors: Sequence[LogitsProcessor], history: Sequence[int], logits: mx.array
+    processors: Sequence[LogitsProcessor], history: mx.array | Sequence[int], logits: mx.array
 ) -> mx.array:
+    """Run the processors in order over `logits`, given the generated ids so far."""
     if not processors:
         return logits
-    tokens = mx.array(list(history), dtype=mx.int32)
+    tokens = history if isinstance(history, mx.array) else mx.array(list(history), mx.int32)
     for p in processors:
         logits = p(tokens, logits)
     return logits
