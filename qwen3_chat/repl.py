@@ -188,13 +188,12 @@ class Repl:
             for ev in events:
                 turn.on_event(ev)
         except KeyboardInterrupt:
-            self._close(events)
-            self.session.abort()
+            self._stop(events)
             turn.interrupt()
         except Qwen3ChatError as e:
-            self._close(events)
-            self.session.abort()
-            turn.interrupt() if turn.answer or turn.reasoning else None
+            self._stop(events)
+            if turn.answer or turn.reasoning:
+                turn.interrupt()
             self.say(f"error: {e}", "red")
         else:
             used, size = self.session.context_used, self.session.context_length
@@ -202,14 +201,19 @@ class Repl:
                 self.say(f"⚠ context {used}/{size} tokens: the oldest exchanges will be dropped "
                          "soon (/clear starts afresh)", "yellow")  # fmt: skip
 
-    @staticmethod
-    def _close(events: Any) -> None:
+    def _stop(self, events: Any) -> None:
+        """After Ctrl-C or an error mid-turn: end the stream, keep the conversation sound."""
         close = getattr(events, "close", None)
         if close is not None:
             try:
                 close()  # runs the engine's cleanup (finally blocks) now, not at GC
             except KeyboardInterrupt:
                 pass
+        self.session.abort()
+        messages = self.session.messages
+        if messages and messages[-1]["role"] == "user":
+            # Stopped before the first token: drop the question so turns still alternate.
+            messages.pop()
 
     # -- slash commands ----------------------------------------------------------------
     def command(self, line: str) -> bool:

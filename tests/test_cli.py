@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoints import make_checkpoint, tiny_config
+from checkpoints import REAL_VOCAB, make_checkpoint, tiny_config
 from typer.testing import CliRunner
 
 from qwen3_chat.cli import app
@@ -48,9 +48,14 @@ def demo_reference() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
-    """Random weights + the real tokenizer: never says <|im_end|>, so it runs to max-tokens."""
+    """Random weights + the real tokenizer: never says <|im_end|>, so it runs to max-tokens.
+
+    Full Qwen3 vocabulary (the template's special ids must exist) on a tiny tied body.
+    """
+    cfg = tiny_config(vocab_size=REAL_VOCAB, tie_word_embeddings=True, hidden_size=16,
+                      head_dim=8, intermediate_size=32, num_hidden_layers=1)
     path = tmp_path_factory.mktemp("random") / "tiny"
-    return make_checkpoint(path, tiny_config(), tokenizer_dir=qwen3_tokenizer_dir)
+    return make_checkpoint(path, cfg, tokenizer_dir=qwen3_tokenizer_dir)
 
 
 def test_help_and_version_do_not_import_mlx():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from checkpoints import make_checkpoint, tiny_config
+from checkpoints import REAL_VOCAB, make_checkpoint, tiny_config
 
 from qwen3_chat.repl import closest_command, history_path, save_conversation, unquote
 
@@ -73,8 +73,14 @@ def demo_reasoning() -> str:
 
 @pytest.fixture(scope="module")
 def never_model(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
-    """Random weights + real tokenizer, with a template that cannot switch thinking on."""
-    path = make_checkpoint(tmp_path_factory.mktemp("never") / "m", tiny_config(),
+    """Random weights + real tokenizer, with a template that cannot switch thinking on.
+
+    The full Qwen3 vocabulary (so the template's special tokens are valid ids) on a tiny,
+    tied 16-wide body: ~10 MB, and it practically never samples <|im_end|>.
+    """
+    cfg = tiny_config(vocab_size=REAL_VOCAB, tie_word_embeddings=True, hidden_size=16,
+                      head_dim=8, intermediate_size=32, num_hidden_layers=1)
+    path = make_checkpoint(tmp_path_factory.mktemp("never") / "m", cfg,
                            tokenizer_dir=qwen3_tokenizer_dir)  # fmt: skip
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     cfg["chat_template"] = PLAIN_TEMPLATE
@@ -198,7 +204,8 @@ def test_ctrl_c_mid_answer_keeps_partial_and_next_question_works(tmp_path, never
     term.expect("cannot think")
     for question in ("hello", "and again"):
         term.send(question)
-        time.sleep(1.5)  # random weights never stop: the answer is streaming now
+        term.expect(r"\x1b\[\?2004l")  # prompt-toolkit let go of the terminal: generating
+        time.sleep(1.0)  # random weights never stop: the answer is streaming now
         term.child.send("\x03")
         term.expect(r"\[interrupted\]")
         term.prompt()
