@@ -60,7 +60,7 @@ def resolve(name: str, bits: int | None = None) -> Resolved:
     return validate_repo_id(name), None, None
 
 
-def _hub_error(repo_id: str, error: Exception) -> DownloadError:
+def _hub_error(repo_id: str, error: Exception, label: str | None = None) -> DownloadError:
     from huggingface_hub import errors as hf
 
     if isinstance(error, hf.GatedRepoError) or getattr(
@@ -76,7 +76,7 @@ def _hub_error(repo_id: str, error: Exception) -> DownloadError:
     if isinstance(error, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
         return DownloadError(
             f"{repo_id} is not downloaded and the Hub cannot be reached; "
-            f"run `qwen3 download {repo_id}` while online"
+            f"run `qwen3 download {label or repo_id}` while online"
         )
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return DownloadError(f"disk full while downloading {repo_id}; free space and retry")
@@ -110,8 +110,12 @@ def _check_hashes(repo_id: str, snapshot: Path, revision: str) -> None:
             )
 
 
-def download(repo_id: str, *, revision: str | None = None, progress: bool = True) -> Path:
-    """Fetch (or resume) a repo into the HF cache, verify it, and return its snapshot."""
+def download(
+    repo_id: str, *, revision: str | None = None, progress: bool = True, label: str | None = None
+) -> Path:
+    """Fetch (or resume) a repo into the HF cache, verify it, and return its snapshot.
+
+    `label` is what the user typed (an alias), used in messages."""
     from huggingface_hub import constants, snapshot_download
 
     validate_repo_id(repo_id)
@@ -122,7 +126,7 @@ def download(repo_id: str, *, revision: str | None = None, progress: bool = True
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # noqa: BLE001 - HTTP client errors differ across hub versions
-        raise _hub_error(repo_id, e) from None
+        raise _hub_error(repo_id, e, label) from None
     marker = _verified_marker(path)
     if not marker.exists():
         if not constants.HF_HUB_OFFLINE:
@@ -167,12 +171,13 @@ def ensure_model(
         return local
     if revision is None and (found := resolve_local(name, bits=bits)) is not None:
         return found
+    label = name if bits in (None, DEFAULT_BITS) else f"{name} --bits {bits}"
     if repo_id is not None:
-        return download(repo_id, revision=revision, progress=progress)
+        return download(repo_id, revision=revision, progress=progress, label=label)
     # No published MLX repo at these bits: fetch the original and quantize it here.
     from qwen3_chat.convert import convert
 
-    src = download(entry.repo, revision=revision, progress=progress)
+    src = download(entry.repo, revision=revision, progress=progress, label=label)
     return convert(src, converted_dir(entry.repo, bits or DEFAULT_BITS), bits or DEFAULT_BITS)
 
 
