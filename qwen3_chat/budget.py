@@ -14,15 +14,19 @@ CLOSING_TEXT = (
     "thinking directly now.\n</think>\n\n"
 )
 DEFAULT_GRACE = 32
-# After the grace window, wait at most this many more tokens for a word boundary.
-WORD_WAIT = 8
+# In the last few tokens of the grace window a word boundary is good enough: cut there
+# rather than risk running out of window in the middle of a word.
+WORD_TAIL = 8
 
 
 class ThinkingBudget:
     """Counts every reasoning token of the turn (all think blocks) and forces the close.
 
     `on_token(id, text)` is called for each sampled token; it returns None to keep it, or
-    the token ids to feed instead (the kept token, if any, then the closing).
+    the token ids to feed instead (the kept token, if any, then the closing). Reasoning
+    never exceeds `budget + grace` of the model's own tokens: within the grace window the
+    cut comes after the first token holding a newline, or, near the window's end, before
+    a token that starts a new word; at the window's end it comes regardless.
     """
 
     def __init__(
@@ -39,34 +43,36 @@ class ThinkingBudget:
         self.closing_ids = list(closing_ids)
         self.think_start_id, self.think_end_id = think_start_id, think_end_id
         self.in_reasoning = in_reasoning
-        self.used = 0
+        self.used = 0  # the model's own reasoning tokens kept so far
         self.hit = False
 
     def on_token(self, token: int, text: str) -> list[int] | None:
-        if token == self.think_start_id:
+        # Markers switch the phase; a repeated one is an ordinary (counted) token.
+        if token == self.think_start_id and not self.in_reasoning:
             self.in_reasoning = True
             return None
-        if token == self.think_end_id:
+        if token == self.think_end_id and self.in_reasoning:
             self.in_reasoning = False
             return None
         if not self.in_reasoning:
             return None
-        self.used += 1
-        over = self.used - self.budget  # >0: this token is past the budget
+        over = self.used + 1 - self.budget  # >0: this token is past the budget
         if over <= 0:
+            self.used += 1
             return None
+        if over > self.grace:
+            return self._close(keep=None)  # the window is spent: this token never happens
         if "\n" in text:
             return self._close(keep=token)  # the line is finished: cut right after it
-        if over > self.grace and text[:1].isspace():
+        if text.startswith(" ") and over > self.grace - min(WORD_TAIL, self.grace):
             return self._close(keep=None)  # a new word would start here: cut before it
-        if over >= self.grace + WORD_WAIT:
-            return self._close(keep=token)
+        self.used += 1
         return None
 
     def _close(self, keep: int | None) -> list[int]:
         self.hit = True
         self.in_reasoning = False
         if keep is None:
-            self.used -= 1  # the dropped token never happened
             return list(self.closing_ids)
+        self.used += 1
         return [keep, *self.closing_ids]

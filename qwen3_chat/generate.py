@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from qwen3_chat.budget import CLOSING_TEXT, DEFAULT_GRACE, ThinkingBudget
 from qwen3_chat.cache import KVCache
+from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.sampling import (
     LogitsProcessor,
     SamplingParams,
@@ -126,10 +127,19 @@ def generate_tokens(
 ) -> Iterator[tuple[int, bool]]:
     """Yield (token id, forced) pairs. `override(id) -> ids | None` may replace a token."""
     timing = timing or TokenStream()
-    history: list[int] = []
+    # Generated tokens so far, kept as a lazy array: the step for token n+1 is queued
+    # before token n is read back, and its penalties must already include token n.
+    history = mx.zeros((0,), dtype=mx.int32)
 
     def pick(logits: mx.array) -> mx.array:
         return sampler(apply_processors(processors, history, logits))
+
+    def step(fed: mx.array) -> mx.array:
+        nonlocal history
+        if processors:
+            history = mx.concatenate([history, fed.reshape(-1).astype(mx.int32)])
+        with mx.stream(generation_stream()):
+            return pick(decode_one_token(model, fed, cache))
 
     timing.start = time.perf_counter()
     timing.prefill_tokens = len(prompt_ids)
@@ -137,27 +147,24 @@ def generate_tokens(
         y = pick(prefill(model, prompt_ids, cache, prefill_step))
     mx.async_eval(y)
     while True:
-        with mx.stream(generation_stream()):
-            # Speculatively queue the next step before looking at this token.
-            next_y = pick(decode_one_token(model, y, cache))
+        next_y = step(y)  # speculatively queue the next step before looking at this token
         mx.async_eval(next_y)
         token = y.item()
         if not timing.first_token:
             timing.first_token = time.perf_counter()
         forced = override(token) if override is not None else None
         if forced is None:
-            history.append(token)
             yield token, False
             y = next_y
             continue
         # Replace the token: undo the speculative step and feed the forced run instead.
         for c in cache:
             c.trim(1)
+        if processors:
+            history = history[:-1]
         for t in forced:
-            history.append(t)
             yield t, t != token
-        with mx.stream(generation_stream()):
-            y = pick(decode_one_token(model, forced, cache))
+        y = step(mx.array(forced, dtype=mx.int32))
         mx.async_eval(y)
 
 
@@ -173,6 +180,35 @@ def _initial_reasoning(prompt_ids: Sequence[int], start_id: int | None, end_id: 
     return False
 
 
+def _check_request(
+    model,
+    prompt_ids: list[int],
+    held: int,
+    context: int | None,
+    max_tokens: int,
+    thinking_budget: int | None,
+    grace: int,
+) -> None:
+    """Reject bad requests with a named problem instead of an error from inside MLX."""
+    if not prompt_ids:
+        raise Qwen3ChatError("the prompt is empty: at least one new token is needed")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and not all(0 <= t < vocab for t in prompt_ids):
+        bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+        raise Qwen3ChatError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    if context is not None and held + len(prompt_ids) >= context:
+        raise Qwen3ChatError(
+            f"the prompt is {held + len(prompt_ids)} tokens, longer than the model's context "
+            f"of {context}"
+        )
+    if max_tokens < 1:
+        raise Qwen3ChatError(f"max_tokens must be at least 1, not {max_tokens}")
+    if thinking_budget is not None and thinking_budget < 0:
+        raise Qwen3ChatError(f"the thinking budget must be >= 0, not {thinking_budget}")
+    if grace < 0:
+        raise Qwen3ChatError(f"the grace window must be >= 0, not {grace}")
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -186,17 +222,22 @@ def stream_generate(
     prefill_step: int = 2048,
     prompt_tokens: int | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
+    context_length: int | None = None,
 ) -> Iterator[Event]:
     """Generate a reply to `prompt_ids`, yielding reasoning/answer text and a final Finished.
 
-    `max_tokens` bounds the answer; reasoning is bounded by `thinking_budget` (None: by
-    `max_tokens` more tokens). With `cache`, `prompt_ids` are only the tokens not yet in
-    it and `prompt_tokens` the whole prompt's length (for stats).
+    `max_tokens` bounds the answer tokens after thinking; reasoning is bounded by
+    `thinking_budget` (plus grace and the forced closing), or only by the context when it
+    is None. With `cache`, `prompt_ids` are only the tokens not yet in it and
+    `prompt_tokens` the whole prompt's length (for stats). `context_length` defaults to
+    the model's max_position_embeddings; generation stops ("length") when it is full.
     """
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty")
-    sampling = sampling or SamplingParams.for_mode(True)
+    prompt_ids = list(prompt_ids)
     cache = cache if cache is not None else model.make_cache()
+    held = min((c.offset for c in cache), default=0)  # tokens already in the cache
+    context = context_length or getattr(model.config, "max_position_embeddings", None)
+    _check_request(model, prompt_ids, held, context, max_tokens, thinking_budget, grace)
+    sampling = sampling or SamplingParams.for_mode(True)
     start_id, end_id = tokenizer.think_start_id, tokenizer.think_end_id
     reasoning = _initial_reasoning(prompt_ids, start_id, end_id)
     budget = None
@@ -213,12 +254,13 @@ def stream_generate(
     )  # fmt: skip
 
     detok = tokenizer.detokenizer()
-    texts = {True: [], False: []}  # reasoning / answer pieces
+    texts: dict[bool, list[str]] = {True: [], False: []}  # reasoning / answer pieces
     counts = {True: 0, False: 0}
     generated: list[int] = []
-    think_started = think_ended = None
+    think_started: float | None = None
+    thinking_done = False
     finish = "length"
-    reasoning_cap = thinking_budget + grace + 64 + len(CLOSING_TEXT) if budget else max_tokens
+    room = context - held - len(prompt_ids) if context else None  # tokens left to generate
 
     def emit(text: str, is_reasoning: bool):
         if not text:
@@ -236,23 +278,27 @@ def stream_generate(
             if token in tokenizer.eos_ids:
                 finish = "stop"
                 break
-            if token == start_id:
+            if token == start_id and not reasoning:
                 if (ev := emit(detok.flush(), reasoning)) is not None:
                     yield ev
                 reasoning, think_started = True, think_started or time.perf_counter()
-                continue
-            if token == end_id:
+            elif token == end_id and reasoning:
                 if (ev := emit(detok.flush(), True)) is not None:
                     yield ev
-                reasoning, think_ended = False, time.perf_counter()
-                began = think_started or timing.first_token
-                hit = bool(budget and budget.hit)
-                yield ThinkingDone(counts[True], think_ended - began, hit)
-                continue
-            counts[reasoning] += 1
-            if (ev := emit(detok.add(token), reasoning)) is not None:
-                yield ev
-            if counts[False] >= max_tokens or (reasoning and counts[True] >= reasoning_cap):
+                reasoning = False
+                if not thinking_done:  # one ThinkingDone per turn, at the first close
+                    thinking_done = True
+                    began = think_started or timing.first_token
+                    hit = bool(budget and budget.hit)
+                    yield ThinkingDone(counts[True], time.perf_counter() - began, hit)
+            else:
+                # A stray marker (</think> in the answer, <think> inside a think block)
+                # is no text, but it counts, so a model looping on one still stops.
+                counts[reasoning] += 1
+                if token not in (start_id, end_id):
+                    if (ev := emit(detok.add(token), reasoning)) is not None:
+                        yield ev
+            if counts[False] >= max_tokens or (room is not None and len(generated) >= room):
                 break
     finally:
         tokens.close()
@@ -263,7 +309,7 @@ def stream_generate(
     prefill_s = max(first - timing.start, 1e-9)
     n = len(generated)
     stats = GenerationStats(
-        prompt_tokens=prompt_tokens if prompt_tokens is not None else len(prompt_ids),
+        prompt_tokens=prompt_tokens if prompt_tokens is not None else held + len(prompt_ids),
         prefill_tokens=timing.prefill_tokens,
         reasoning_tokens=counts[True],
         answer_tokens=counts[False],

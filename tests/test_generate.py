@@ -1,0 +1,229 @@
+"""stream_generate on a tiny real model: tokens equal a cache-free greedy loop, events
+reassemble the tokens, phases come from token ids, stats, stops and bad input."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from checkpoints import make_checkpoint, tiny_config
+
+from qwen3_chat import SamplingParams, load
+from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.generate import (
+    AnswerText,
+    Finished,
+    ReasoningText,
+    ThinkingDone,
+    prefill,
+    stream_generate,
+)
+
+GREEDY = SamplingParams(temperature=0)
+PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(qwen3_tokenizer_dir, tmp_path_factory):
+    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True)
+    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, tokenizer_dir=qwen3_tokenizer_dir)
+    return load(path)
+
+
+def run(model, tok, ids, **kw) -> list:
+    return list(stream_generate(model, tok, ids, **{"sampling": GREEDY, **kw}))
+
+
+def recorder(store: list):
+    """A logits processor that records the logits it sees (and changes nothing)."""
+
+    def record(tokens, logits):
+        store.append(np.array(logits))
+        return logits
+
+    return record
+
+
+def naive_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Recompute the whole sequence each step, no cache: the reference for greedy decoding."""
+    out = list(ids)
+    for _ in range(n):
+        logits = model(mx.array([out], dtype=mx.int32))
+        out.append(int(mx.argmax(logits[0, -1]).item()))
+    return out[len(ids) :]
+
+
+def test_greedy_tokens_equal_a_cache_free_loop(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    fin = run(model, tok, ids, max_tokens=12)[-1]
+    expected = naive_greedy(model, ids, len(fin.token_ids))
+    assert list(fin.token_ids) == expected and len(expected) >= 1
+
+
+def test_chunked_prefill_matches_one_chunk(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT * 3)
+    one, chunked = model.make_cache(), model.make_cache()
+    a = prefill(model, ids, one, step=4096)
+    b = prefill(model, ids, chunked, step=7)
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+    assert one[0].offset == chunked[0].offset == len(ids)
+    fa = run(model, tok, ids, max_tokens=6, prefill_step=5)[-1]
+    fb = run(model, tok, ids, max_tokens=6)[-1]
+    assert fa.token_ids == fb.token_ids
+
+
+def test_events_reassemble_exactly_the_decoded_tokens(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT + "<think>\n")
+    events = run(model, tok, ids, thinking_budget=8, grace=4, max_tokens=10)
+    fin = events[-1]
+    gen = list(fin.token_ids)
+    end = gen.index(tok.think_end_id)
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningText))
+    answer = "".join(e.text for e in events if isinstance(e, AnswerText))
+    assert reasoning == tok.decode(gen[:end]).lstrip("\n")
+    rest = [t for t in gen[end + 1 :] if t not in tok.eos_ids]
+    assert answer == tok.decode(rest).lstrip("\n")
+    assert fin.reasoning == reasoning.strip() and fin.answer == answer.strip()
+    # Special tokens never appear as text.
+    assert "<think>" not in reasoning + answer and "</think>" not in reasoning + answer
+    kinds = [type(e) for e in events]
+    assert kinds.count(ThinkingDone) == 1 and kinds.count(Finished) == 1
+    assert kinds.index(ThinkingDone) > max(i for i, k in enumerate(kinds) if k is ReasoningText)
+
+
+def force_after(tok, n: int, target: int):
+    """A processor that makes `target` the only choice right after `n` generated tokens,
+    and bans the think markers everywhere else (this random model repeats its input)."""
+    markers = mx.array([tok.think_start_id, tok.think_end_id])
+
+    def force(tokens, logits):
+        if tokens.size == n:
+            return mx.full(logits.shape, -1e9).at[..., target].add(2e9)
+        logits[..., markers] = -mx.inf
+        return logits
+
+    return force
+
+
+def test_phase_comes_from_token_ids_not_text(tiny):
+    model, tok = tiny
+    # A prompt ending inside an open <think> starts in reasoning.
+    inside = run(model, tok, tok.encode(PROMPT + "<think>\n"), max_tokens=5,
+                 logits_processors=[force_after(tok, 3, tok.think_end_id)])  # fmt: skip
+    fin = inside[-1]
+    assert fin.stats.reasoning_tokens == 3 and fin.stats.answer_tokens == 5
+    assert [type(e) for e in inside].count(ThinkingDone) == 1
+    # A prompt with a closed think block starts in the answer; a generated <think> opens one.
+    closed = tok.encode(PROMPT + "<think>\n\n</think>\n\n")
+    fin = run(model, tok, closed, max_tokens=4)[-1]
+    assert fin.stats.reasoning_tokens == 0 and fin.stats.answer_tokens == 4
+    opened = run(model, tok, closed, max_tokens=4, context_length=len(closed) + 12,
+                 logits_processors=[force_after(tok, 2, tok.think_start_id)])[-1]  # fmt: skip
+    # 2 answer tokens, <think>, then reasoning until the context is full.
+    assert (opened.stats.answer_tokens, opened.stats.reasoning_tokens) == (2, 9)
+    assert opened.token_ids[2] == tok.think_start_id and opened.reasoning
+
+
+def test_stops_at_any_eos_without_emitting_it(tiny):
+    model, tok = tiny
+    for eos in sorted(tok.eos_ids):
+        events = run(model, tok, tok.encode(PROMPT), max_tokens=50,
+                     logits_processors=[force_after(tok, 4, eos)])  # fmt: skip
+        fin = events[-1]
+        assert fin.stats.finish_reason == "stop" and fin.token_ids[-1] == eos
+        assert len(fin.token_ids) == 5 and fin.stats.answer_tokens == 4
+        text = "".join(e.text for e in events if isinstance(e, AnswerText))
+        assert "<|im_end|>" not in text and "<|endoftext|>" not in text
+
+
+def test_a_model_looping_on_a_marker_still_stops(tiny):
+    model, tok = tiny
+    # This random model repeats its last input token: after </think> it says </think>
+    # forever. Stray markers count as answer tokens, so max_tokens still ends the turn.
+    end = tok.think_end_id
+
+    def close_at_2(tokens, logits):
+        return mx.full(logits.shape, -1e9).at[..., end].add(2e9) if tokens.size == 2 else logits
+
+    fin = run(model, tok, tok.encode(PROMPT + "<think>\n"), max_tokens=6,
+              logits_processors=[close_at_2])[-1]  # fmt: skip
+    assert list(fin.token_ids[2:]) == [end] * 7  # the model's own loop, not the processor's
+    assert fin.stats.finish_reason == "length" and fin.stats.answer_tokens == 6
+    assert fin.answer == ""
+
+
+def test_stats(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    fin = run(model, tok, ids, max_tokens=9)[-1]
+    st = fin.stats
+    assert st.finish_reason == "length" and st.answer_tokens == 9 and len(fin.token_ids) == 9
+    assert st.prompt_tokens == st.prefill_tokens == len(ids)
+    assert 0 < st.ttft_s <= st.total_s and st.prefill_tps > 0 and st.decode_tps > 0
+    assert st.peak_memory_gb > 0 and not st.budget_hit
+
+
+def test_cache_reuse_gives_the_same_logits_as_from_scratch(tiny):
+    model, tok = tiny
+    first = tok.encode(PROMPT)
+    second = tok.encode(PROMPT + "4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+                        "<|im_start|>assistant\n")  # fmt: skip
+    cache = model.make_cache()
+    run(model, tok, first, cache=cache, max_tokens=3)
+    keep = len(first) - 2  # back into the first prompt, as when a template drops text
+    for c in cache:
+        c.trim(c.offset - keep)
+    reused, fresh = [], []
+    a = run(model, tok, second[keep:], cache=cache, max_tokens=6,
+            logits_processors=[recorder(reused)])[-1]  # fmt: skip
+    b = run(model, tok, second, max_tokens=6, logits_processors=[recorder(fresh)])[-1]
+    assert a.token_ids == b.token_ids
+    assert a.stats.prefill_tokens == len(second) - keep and a.stats.prompt_tokens == len(second)
+    for x, y in zip(reused, fresh, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_penalties_see_the_token_just_sampled(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    plain = run(model, tok, ids, max_tokens=30)[-1].token_ids
+    assert len(set(plain)) < len(plain)  # this random model repeats itself...
+    params = SamplingParams(temperature=0, presence_penalty=1e6)
+    pen = run(model, tok, ids, sampling=params, max_tokens=30)[-1].token_ids
+    assert len(set(pen)) == len(pen)  # ...and a huge presence penalty forbids any repeat
+
+
+def test_seeded_generation_is_reproducible(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    params = SamplingParams(temperature=50.0, top_p=1.0, top_k=0, seed=11)  # flat: random
+    a = run(model, tok, ids, sampling=params, max_tokens=15)[-1].token_ids
+    b = run(model, tok, ids, sampling=params, max_tokens=15)[-1].token_ids
+    c = run(model, tok, ids, sampling=params.replace(seed=12), max_tokens=15)[-1].token_ids
+    assert a == b and a != c
+
+
+def test_generation_stops_when_the_context_is_full(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    fin = run(model, tok, ids, max_tokens=100, context_length=len(ids) + 6)[-1]
+    assert fin.stats.finish_reason == "length" and len(fin.token_ids) == 6
+
+
+@pytest.mark.parametrize(
+    "ids, kw, match",
+    [
+        ([], {}, "empty"),
+        ([5, 151936], {}, "outside the vocabulary"),
+        ([5] * 10, {"context_length": 10}, "longer than the model's context of 10"),
+        ([5], {"max_tokens": 0}, "max_tokens"),
+        ([5], {"thinking_budget": -1}, "budget"),
+    ],
+)
+def test_bad_requests_raise_named_errors(tiny, ids, kw, match):
+    model, tok = tiny
+    with pytest.raises(Qwen3ChatError, match=match):
+        run(model, tok, ids, **kw)
