@@ -7,9 +7,12 @@ drops earlier reasoning, so that is usually inside the previous assistant turn).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
+
+import mlx.core as mx
 
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.generate import (
@@ -20,6 +23,7 @@ from qwen3_chat.generate import (
     Finished,
     GenerationStats,
     ReasoningText,
+    ThinkingDone,
     stream_generate,
 )
 from qwen3_chat.sampling import SamplingParams
@@ -36,6 +40,15 @@ def soft_switch(text: str) -> bool | None:
     if tail.endswith("/think"):
         return True
     return None
+
+
+def _check_settings(kw: dict[str, Any]) -> None:
+    """Types of saved settings: a hand-edited file must fail here, not mid-generation."""
+    for name in ("budget", "context_length"):
+        if kw[name] is not None and (not isinstance(kw[name], int) or kw[name] < 0):
+            raise ValueError(f"{name} must be a non-negative integer or null")
+    if kw["system"] is not None and not isinstance(kw["system"], str):
+        raise ValueError("system must be a string or null")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -69,6 +82,7 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.sampling = sampling  # None: Qwen's recommended settings for each turn's mode
         self.capability = capability
+        self._context_arg = context_length  # saved as given; None follows the model
         self.context_length = context_length or model.config.max_position_embeddings
         self.messages: list[dict[str, Any]] = []
         self.last_stats: GenerationStats | None = None
@@ -122,11 +136,12 @@ class ChatSession:
         return self._respond(self._thinking_for(text))
 
     def retry(self) -> Iterator[Event]:
-        """Drop the last reply and generate it again."""
+        """Drop the last reply (if any) and answer the last user message again."""
         self.abort()
-        if not self.messages or self.messages[-1]["role"] != "assistant":
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if not self.messages:
             raise Qwen3ChatError("nothing to retry yet")
-        self.messages.pop()
         return self._respond(self._thinking_for(self.messages[-1]["content"]))
 
     def undo(self) -> bool:
@@ -188,7 +203,10 @@ class ChatSession:
         if dropped:
             yield ContextTrimmed(dropped, len(ids), self.context_length)
         reused = self._reuse_cache(ids)
-        self._pending = {"ids": ids, "reasoning": [], "answer": []}
+        self._pending = {
+            "ids": ids, "reused": reused, "reasoning": [], "answer": [],
+            "start": time.perf_counter(), "budget_hit": False,
+        }  # fmt: skip
         sampling = self.sampling or SamplingParams.for_mode(thinking)
         for ev in stream_generate(
             self.model,
@@ -199,8 +217,11 @@ class ChatSession:
             max_tokens=self.max_tokens,
             thinking_budget=self.budget if thinking else None,
             prompt_tokens=len(ids),
+            context_length=self.context_length,
         ):
-            if isinstance(ev, ReasoningText):
+            if isinstance(ev, ThinkingDone):
+                self._pending["budget_hit"] = ev.budget_hit
+            elif isinstance(ev, ReasoningText):
                 self._pending["reasoning"].append(ev.text)
             elif isinstance(ev, AnswerText):
                 self._pending["answer"].append(ev.text)
@@ -231,11 +252,28 @@ class ChatSession:
             msg["reasoning_content"] = reasoning
         msg["interrupted"] = True
         self.messages.append(msg)
+        self.last_stats = self._interrupted_stats(pending, reasoning, msg["content"])
         # Which generated tokens reached the cache is unknown: keep only the prompt part.
         keep = min([len(pending["ids"]), *(c.offset for c in self._cache)])
         for c in self._cache:
             c.trim(c.offset - keep)
         self._cache_ids = pending["ids"][:keep]
+
+    def _interrupted_stats(
+        self, pending: dict[str, Any], reasoning: str, answer: str
+    ) -> GenerationStats:
+        """Stats for a reply cut short; token counts re-encoded from the text shown."""
+        total = time.perf_counter() - pending["start"]
+        return GenerationStats(
+            prompt_tokens=len(pending["ids"]),
+            prefill_tokens=len(pending["ids"]) - pending["reused"],
+            reasoning_tokens=len(self.tokenizer.encode(reasoning)) if reasoning else 0,
+            answer_tokens=len(self.tokenizer.encode(answer)) if answer else 0,
+            prefill_tps=0.0, decode_tps=0.0, ttft_s=0.0, total_s=total,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason="interrupted",
+            budget_hit=pending["budget_hit"],
+        )  # fmt: skip
 
     # -- persistence -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +286,7 @@ class ChatSession:
             "max_tokens": self.max_tokens,
             "sampling": asdict(self.sampling) if self.sampling else None,
             "capability": self.capability,
+            "context_length": self._context_arg,
             "messages": [dict(m) for m in self.messages],
         }
 
@@ -258,8 +297,10 @@ class ChatSession:
                 raise ValueError(f"unknown save version {d.get('version')!r}")
             messages = d["messages"]
             for m in messages:
-                if m.get("role") not in ("user", "assistant") or not isinstance(
-                    m.get("content"), str
+                if (
+                    m.get("role") not in ("user", "assistant")
+                    or not isinstance(m.get("content"), str)
+                    or not isinstance(m.get("reasoning_content", ""), str)
                 ):
                     raise ValueError(f"bad message {str(m)[:60]!r}")
             sampling = SamplingParams(**d["sampling"]) if d.get("sampling") else None
@@ -270,7 +311,9 @@ class ChatSession:
                 max_tokens=int(d.get("max_tokens", DEFAULT_MAX_TOKENS)),
                 sampling=sampling,
                 capability=d.get("capability", "hybrid"),
+                context_length=d.get("context_length"),
             )
+            _check_settings(kwargs)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise Qwen3ChatError(f"not a saved qwen3-chat conversation: {e}") from None
         kwargs.update(overrides)
