@@ -86,6 +86,20 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     np.testing.assert_allclose(freq[:3], expected, atol=0.03)
 
 
+def test_sampler_support_is_top_k_then_top_p_over_the_renormalised_top_k():
+    # transformers' order: top_k=3 keeps {0, 1, 2} (0.3, 0.25, 0.2 -> 0.4, 0.33, 0.27);
+    # top_p=0.7 over that keeps {0, 1} (0.4 + 0.33 >= 0.7), though 0.3 + 0.25 < 0.7.
+    probs = np.array([0.3, 0.25, 0.2, 0.15, 0.1], np.float32)
+    params = SamplingParams(temperature=1.0, top_p=0.7, top_k=3, min_p=0.0, seed=0)
+    draws = np.array(make_sampler(params)(mx.array(np.tile(np.log(probs), (3000, 1)))))
+    assert set(draws.tolist()) == {0, 1}
+    np.testing.assert_allclose((draws == 0).mean(), 0.3 / 0.55, atol=0.03)
+    wide = np.random.default_rng(9).standard_normal((16, 151936)).astype(np.float32)
+    out = np.array(make_sampler(params.replace(top_p=1.0, top_k=20))(mx.array(wide)))
+    top20 = np.argpartition(-wide, 19, axis=-1)[:, :20]
+    assert all(o in row for o, row in zip(out, top20, strict=True))
+
+
 def test_top_k_one_is_greedy_at_any_temperature():
     logits = mx.array(np.random.default_rng(5).standard_normal((8, 100)).astype(np.float32))
     params = SamplingParams(temperature=1.5, top_p=1.0, top_k=1, seed=0)
