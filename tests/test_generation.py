@@ -150,7 +150,8 @@ def test_budget_counts_reasoning_across_think_blocks(tiny):
     assert b.used == 5
     b.on_token(tok.think_start_id, "")
     results = [b.on_token(20 + i, "\n") for i in range(4)]
-    assert results[:3] == [None, None, None] and results[3] == [23, 1, 2] and b.hit
+    # Tokens 6-8 of the budget pass; with no grace window the 9th never happens.
+    assert results[:3] == [None, None, None] and results[3] == [1, 2] and b.hit
     del model
 
 
