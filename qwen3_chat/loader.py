@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +28,7 @@ from qwen3_chat.quantize import (
     check_quantization_block,
     quantize_model,
 )
+from qwen3_chat.verify import HeaderError, parse_header
 
 if TYPE_CHECKING:
     from qwen3_chat.tokenizer import Tokenizer
@@ -58,35 +58,13 @@ def _read_json(path: Path) -> Any:
 def check_safetensors(path: Path) -> dict[str, Any]:
     """Parse a safetensors header and check the file holds every byte it promises."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelLoadError(f"{path.name}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 1024**2:
-                raise ModelLoadError(f"{path.name}: corrupt safetensors header")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path.name}: unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path.name}: corrupt safetensors header")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in header.items():
-        # A malformed entry would otherwise surface as a KeyError/TypeError from deep inside.
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise ModelLoadError(f"{path.name}: corrupt safetensors header entry for tensor {name}")
-        end = max(end, offsets[1])
-    if 8 + n + end > size:
+        header, needed = parse_header(path)
+    except HeaderError as e:
+        raise ModelLoadError(str(e)) from None
+    size = path.stat().st_size
+    if needed > size:
         raise ModelLoadError(
-            f"{path.name}: truncated safetensors file ({size} bytes, header needs {8 + n + end})"
+            f"{path.name}: truncated safetensors file ({size} bytes, header needs {needed})"
         )
     return header
 

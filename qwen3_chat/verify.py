@@ -28,28 +28,55 @@ def sha256_of(path: Path, chunk: int = 8 * 1024**2) -> str:
     return h.hexdigest()
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The tensors a safetensors file declares, after checking it holds all their bytes."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DownloadError(f"{path.name}: truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, HEADER_LIMIT):
-            raise DownloadError(f"{path.name}: corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DownloadError(f"{path.name}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
+class HeaderError(ValueError):
+    """A safetensors header that cannot be trusted; the message names file and tensor."""
+
+
+def parse_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The tensors a safetensors file declares and the byte size they need (header included).
+
+    Every entry is checked, so a malformed file fails here with a message that names it
+    rather than deep inside a loader.
+    """
     try:
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    except (TypeError, KeyError, ValueError, IndexError):
-        raise DownloadError(f"{path.name}: corrupt safetensors header") from None
-    if 8 + n + end != size:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise HeaderError(f"{path.name}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > HEADER_LIMIT:
+                raise HeaderError(f"{path.name}: corrupt safetensors header")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeaderError(f"{path.name}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path.name}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise HeaderError(f"{path.name}: corrupt safetensors header entry for tensor {name}")
+        end = max(end, offsets[1])
+    return header, 8 + n + end
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """A downloaded file's header, after checking its size is exactly what it declares."""
+    try:
+        header, needed = parse_header(path)
+    except HeaderError as e:
+        raise DownloadError(str(e)) from None
+    size = path.stat().st_size
+    if needed != size:
         raise DownloadError(
-            f"{path.name}: size {size} bytes does not add up to its header ({8 + n + end})"
+            f"{path.name}: size {size} bytes does not add up to its header ({needed})"
         )
     return header
 
