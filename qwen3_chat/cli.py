@@ -93,6 +93,7 @@ class LoadedModel:
     tokenizer: Any
     capability: str = "hybrid"
     context_length: int | None = None
+    mode_sampling: dict | None = None  # recommended sampling per mode, from models.toml
 
 
 def default_model_name() -> str:
@@ -149,7 +150,8 @@ def open_model(name: str, bits: int | None = None) -> LoadedModel:
     entry = _registry_entry(name)
     capability = getattr(entry, "capability", None) or _guess_capability(tokenizer)
     context = getattr(entry, "context_length", None)
-    return LoadedModel(name, path, model, tokenizer, capability, context)
+    return LoadedModel(name, path, model, tokenizer, capability, context,
+                       getattr(entry, "sampling", None) or None)  # fmt: skip
 
 
 def _read_config(path: Path) -> dict:
@@ -186,13 +188,9 @@ def _read_prompt(prompt: str | None) -> str:
     return "\n\n".join(p.strip("\n") for p in parts)
 
 
-def _sampling(thinking: bool, **given: Any) -> Any:
-    """None (per-mode defaults) unless the user set a sampling option."""
-    if all(v is None for v in given.values()):
-        return None
-    from qwen3_chat.sampling import SamplingParams
-
-    return SamplingParams.for_mode(thinking).replace(**given)
+def _overrides(**given: Any) -> dict[str, Any]:
+    """The sampling options the user set; each mode's defaults fill in the rest."""
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _usage_exit(message: str) -> typer.Exit:
@@ -244,8 +242,9 @@ def chat(
         loaded.model, loaded.tokenizer, system=system, thinking=thinking,
         budget=None if no_budget else (DEFAULT_BUDGET if budget is None else budget),
         max_tokens=max_tokens, capability=loaded.capability,
-        sampling=_sampling(thinking, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                           presence_penalty=presence_penalty, seed=seed),
+        sampling_overrides=_overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                      presence_penalty=presence_penalty, seed=seed),
+        mode_sampling=loaded.mode_sampling,
         context_length=loaded.context_length,
     )  # fmt: skip
     if interactive:

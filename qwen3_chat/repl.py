@@ -344,5 +344,6 @@ class Repl:
         self.loaded = loaded
         self.session = ChatSession.from_dict(loaded.model, loaded.tokenizer, data,
                                              capability=loaded.capability,
-                                             context_length=loaded.context_length)  # fmt: skip
+                                             context_length=loaded.context_length,
+                                             mode_sampling=loaded.mode_sampling)  # fmt: skip
         self.say(f"now chatting with {loaded.name} ({loaded.capability})")

@@ -72,6 +72,8 @@ class ChatSession:
         sampling: SamplingParams | None = None,
         capability: str = "hybrid",
         context_length: int | None = None,
+        sampling_overrides: dict[str, Any] | None = None,
+        mode_sampling: dict[str, dict[str, Any]] | None = None,
     ):
         if capability not in CAPABILITIES:
             raise Qwen3ChatError(f"capability must be one of {', '.join(CAPABILITIES)}")
@@ -81,6 +83,12 @@ class ChatSession:
         self.budget = budget
         self.max_tokens = max_tokens
         self.sampling = sampling  # None: Qwen's recommended settings for each turn's mode
+        # The user's knobs (e.g. only a seed) on top of each mode's defaults, and the
+        # defaults themselves per mode ("thinking" / "non_thinking", e.g. from models.toml).
+        self.sampling_overrides = dict(sampling_overrides or {})
+        self.mode_sampling = {k: dict(v) for k, v in (mode_sampling or {}).items()}
+        for mode in (True, False):
+            self.sampling_for(mode)  # fail now, by name, on a bad setting
         self.capability = capability
         self._context_arg = context_length  # saved as given; None follows the model
         self.context_length = context_length or model.config.max_position_embeddings
@@ -91,6 +99,17 @@ class ChatSession:
         self._pending: dict[str, Any] | None = None  # the turn being generated
 
     # -- state -------------------------------------------------------------------------
+    def sampling_for(self, thinking: bool) -> SamplingParams:
+        """The sampling of a turn: fixed settings, else the mode's defaults plus overrides."""
+        if self.sampling is not None:
+            return self.sampling
+        base = SamplingParams.for_mode(thinking)
+        mode = self.mode_sampling.get("thinking" if thinking else "non_thinking", {})
+        try:
+            return base.replace(**mode).replace(**self.sampling_overrides)
+        except TypeError as e:
+            raise Qwen3ChatError(f"bad sampling setting: {e}") from None
+
     @property
     def can_think(self) -> bool:
         return self.capability != "never"
@@ -207,7 +226,7 @@ class ChatSession:
             "ids": ids, "reused": reused, "reasoning": [], "answer": [],
             "start": time.perf_counter(), "budget_hit": False,
         }  # fmt: skip
-        sampling = self.sampling or SamplingParams.for_mode(thinking)
+        sampling = self.sampling_for(thinking)
         for ev in stream_generate(
             self.model,
             self.tokenizer,
@@ -287,6 +306,8 @@ class ChatSession:
             "sampling": asdict(self.sampling) if self.sampling else None,
             "capability": self.capability,
             "context_length": self._context_arg,
+            "sampling_overrides": dict(self.sampling_overrides),
+            "mode_sampling": {k: dict(v) for k, v in self.mode_sampling.items()},
             "messages": [dict(m) for m in self.messages],
         }
 
@@ -312,6 +333,8 @@ class ChatSession:
                 sampling=sampling,
                 capability=d.get("capability", "hybrid"),
                 context_length=d.get("context_length"),
+                sampling_overrides=dict(d.get("sampling_overrides") or {}),
+                mode_sampling={k: dict(v) for k, v in (d.get("mode_sampling") or {}).items()},
             )
             _check_settings(kwargs)
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -235,3 +235,14 @@ def test_context_length_defaults_to_the_model_config(tiny):
     model, _ = tiny
     assert session(tiny).context_length == model.config.max_position_embeddings
     assert mx.array(0).item() == 0  # keep mx imported for the double above
+
+
+def test_one_sampling_knob_keeps_each_modes_defaults(tiny):
+    model, tok = tiny
+    s = ChatSession(model, tok, sampling_overrides={"seed": 3},
+                    mode_sampling={"thinking": {"top_k": 40}})  # fmt: skip
+    think, plain = s.sampling_for(True), s.sampling_for(False)
+    assert (think.temperature, think.top_k, think.seed) == (0.6, 40, 3)
+    assert (plain.temperature, plain.top_p, plain.seed) == (0.7, 0.8, 3)
+    back = ChatSession.from_dict(model, tok, s.to_dict())
+    assert back.sampling_for(True) == think and back.sampling_for(False) == plain
