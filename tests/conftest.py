@@ -36,3 +36,18 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("QWEN3_MODEL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(qwen3_tokenizer_dir, tmp_path_factory):
+    """(model, tokenizer): a tiny random Qwen3 with the real 151,936-token vocabulary.
+
+    Shared by the whole run (it is read-only); it never stops on its own reliably, so tests
+    bound their generations."""
+    from checkpoints import make_checkpoint, tiny_config
+
+    from qwen3_chat import load
+
+    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True)
+    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, tokenizer_dir=qwen3_tokenizer_dir)
+    return load(path)

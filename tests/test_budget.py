@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from checkpoints import make_checkpoint, tiny_config
 
-from qwen3_chat import SamplingParams, load
+from qwen3_chat import SamplingParams
 from qwen3_chat.budget import CLOSING_TEXT, ThinkingBudget
 from qwen3_chat.cache import KVCache
 from qwen3_chat.generate import AnswerText, Finished, ReasoningText, ThinkingDone, stream_generate
@@ -79,11 +78,6 @@ def test_reasoning_after_the_budget_was_hit_is_closed_at_once():
 
 
 # -- through generation -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(qwen3_tokenizer_dir, tmp_path_factory):
-    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True)
-    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, tokenizer_dir=qwen3_tokenizer_dir)
-    return load(path)
 
 
 class EndlessThinker:

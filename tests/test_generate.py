@@ -6,9 +6,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import make_checkpoint, tiny_config
 
-from qwen3_chat import SamplingParams, load
+from qwen3_chat import SamplingParams
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.generate import (
     AnswerText,
@@ -23,11 +22,6 @@ GREEDY = SamplingParams(temperature=0)
 PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def tiny(qwen3_tokenizer_dir, tmp_path_factory):
-    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True)
-    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, tokenizer_dir=qwen3_tokenizer_dir)
-    return load(path)
 
 
 def run(model, tok, ids, **kw) -> list:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import make_checkpoint, tiny_config
 
-from qwen3_chat import ChatSession, SamplingParams, load
+from qwen3_chat import ChatSession, SamplingParams
 from qwen3_chat.budget import CLOSING_TEXT
 from qwen3_chat.cache import KVCache
 from qwen3_chat.errors import Qwen3ChatError
@@ -25,11 +24,6 @@ from qwen3_chat.session import common_prefix
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(scope="module")
-def tiny(qwen3_tokenizer_dir, tmp_path_factory):
-    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True)
-    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, tokenizer_dir=qwen3_tokenizer_dir)
-    return load(path)
 
 
 # -- sampling ---------------------------------------------------------------------------

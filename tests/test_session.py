@@ -7,9 +7,8 @@ import json
 
 import mlx.core as mx
 import pytest
-from checkpoints import make_checkpoint, tiny_config
 
-from qwen3_chat import ChatSession, SamplingParams, load
+from qwen3_chat import ChatSession, SamplingParams
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.generate import AnswerText, ContextTrimmed, Finished, ReasoningText
 from qwen3_chat.session import common_prefix, soft_switch
@@ -18,11 +17,6 @@ GREEDY = SamplingParams(temperature=0)
 EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-@pytest.fixture(scope="module")
-def tiny(qwen3_tokenizer_dir, tmp_path_factory):
-    cfg = tiny_config(vocab_size=151936, tie_word_embeddings=True)
-    path = make_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, tokenizer_dir=qwen3_tokenizer_dir)
-    return load(path)
 
 
 def finished(events) -> Finished:
