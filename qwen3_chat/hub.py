@@ -76,7 +76,8 @@ def _hub_error(repo_id: str, error: Exception, label: str | None = None) -> Down
     if isinstance(error, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
         return DownloadError(
             f"{repo_id} is not downloaded and the Hub cannot be reached; "
-            f"run `qwen3 download {label or repo_id}` while online"
+            f"run `qwen3 download {label or repo_id}` while online "
+            "(offline, `qwen3 chat -m demo` runs the built-in model)"
         )
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return DownloadError(f"disk full while downloading {repo_id}; free space and retry")
