@@ -205,8 +205,8 @@ class StreamingDetokenizer:
     """Turns token ids into text as they arrive, never splitting a UTF-8 character.
 
     Byte-level BPE tokens can end inside a multi-byte character. Tokens since the last
-    character boundary are kept in a small window (an unfinished character spans at most
-    4 tokens) and decoded together by the real decoder once the boundary is reached, so
+    character boundary are kept in a small window (an unfinished character is at most 3
+    bytes, so 3 tokens) and decoded together by the real decoder at the boundary, so
     each step costs O(1) and the outputs concatenate to exactly `decode(all_ids)`.
     """
 

@@ -173,20 +173,40 @@ def test_thinking_switch_and_history_stripping(tok):
     assert "Add them" not in history and "It is 4." in history
 
 
+# Exercises the environment settings Qwen's own template does not: indented block tags
+# (lstrip_blocks), trim_blocks, loop controls, namespace, dict(), {% generation %}, tojson
+# options, strftime_now, special-token variables and None-valued keys.
+ENV_TEMPLATE = """{% set ns = namespace(n=0) %}
+{% for m in messages %}
+    {% if m.role == 'skip' %}
+        {% continue %}
+    {% endif %}
+    {% set ns.n = ns.n + 1 %}
+[{{ m.role }}|{{ m.content | tojson }}|{{ m.tool_calls is defined }}|{{ eos_token }}]
+    {% if ns.n > 2 %}{% break %}{% endif %}
+{% endfor %}
+{% generation %}{{ dict(a=1, b=[1, 2]) | tojson(indent=2, sort_keys=true) }}{% endgeneration %}
+{{ strftime_now('%Y') }}{% if add_generation_prompt %}GO{% endif %}"""
+
+
 def test_chat_template_jinja_file_wins(qwen3_tokenizer_dir, tmp_path, hf_tok):
     from transformers import AutoTokenizer
 
-    jinja = (
-        "{% for m in messages %}[{{ m.role }}|{{ m.content | tojson }}|{{ eos_token }}]{% endfor %}"
-    )
-    jinja += "{{ strftime_now('%Y') }}{% if add_generation_prompt %}GO{% endif %}"
+    jinja = ENV_TEMPLATE
     folder = _folder(qwen3_tokenizer_dir, tmp_path / "tok", **{"chat_template.jinja": jinja})
     ours = Tokenizer.from_dir(folder)
     ref = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    msgs = [{"role": "user", "content": "<a> & é"}]
+    msgs = [
+        {"role": "user", "content": "<a> & é", "tool_calls": None},
+        {"role": "skip", "content": "hidden"},
+        {"role": "assistant", "content": "x", "tool_calls": []},
+        {"role": "user", "content": "y"},
+        {"role": "user", "content": "past the break"},
+    ]
     got = ours.apply_chat_template(msgs)
     assert got == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert got.startswith('[user|"<a> & é"|<|im_end|>]') and got.endswith("GO")
+    assert got.startswith('[user|"<a> & é"|False|<|im_end|>]\n[assistant|"x"|True|')
+    assert "hidden" not in got and "past the break" not in got and got.endswith("GO")
 
 
 def test_the_real_extras_jinja_equals_the_config_template(qwen3_tokenizer_dir, tmp_path, tok):
