@@ -27,13 +27,13 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen3_chat.config import ModelConfig  # noqa: E402
-from qwen3_chat.generate import stream_generate  # noqa: E402
-from qwen3_chat.model import Model  # noqa: E402
-from qwen3_chat.quantize import quantize_model  # noqa: E402
-from qwen3_chat.sampling import SamplingParams  # noqa: E402
-from qwen3_chat.session import ChatSession  # noqa: E402
-from qwen3_chat.tokenizer import Tokenizer  # noqa: E402
+from qwen3_chat.chat.session import ChatSession  # noqa: E402
+from qwen3_chat.chat.tokenizer import Tokenizer  # noqa: E402
+from qwen3_chat.engine.generate import stream_generate  # noqa: E402
+from qwen3_chat.engine.sampling import SamplingParams  # noqa: E402
+from qwen3_chat.models.config import ModelConfig  # noqa: E402
+from qwen3_chat.models.qwen3 import Model  # noqa: E402
+from qwen3_chat.weights.quantize import quantize_model  # noqa: E402
 
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "qwen3-tokenizer"
 # Qwen3-4B's published config.json differs from the 0.6B one in these fields only.

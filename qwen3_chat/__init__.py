@@ -10,12 +10,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "qwen3_chat.loader",
-    "ModelConfig": "qwen3_chat.config",
-    "Tokenizer": "qwen3_chat.tokenizer",
-    "stream_generate": "qwen3_chat.generate",
-    "SamplingParams": "qwen3_chat.sampling",
-    "ChatSession": "qwen3_chat.session",
+    "load": "qwen3_chat.weights.loader",
+    "ModelConfig": "qwen3_chat.models.config",
+    "Tokenizer": "qwen3_chat.chat.tokenizer",
+    "stream_generate": "qwen3_chat.engine.generate",
+    "SamplingParams": "qwen3_chat.engine.sampling",
+    "ChatSession": "qwen3_chat.chat.session",
     "ModelLoadError": "qwen3_chat.errors",
     "Qwen3ChatError": "qwen3_chat.errors",
 }

@@ -8,9 +8,10 @@ import mlx.core as mx
 import pytest
 
 from qwen3_chat import SamplingParams
-from qwen3_chat.budget import CLOSING_TEXT, ThinkingBudget
-from qwen3_chat.cache import KVCache
-from qwen3_chat.generate import AnswerText, Finished, ReasoningText, ThinkingDone, stream_generate
+from qwen3_chat.engine.budget import CLOSING_TEXT, ThinkingBudget
+from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText, ThinkingDone
+from qwen3_chat.engine.generate import stream_generate
+from qwen3_chat.models.cache import KVCache
 
 GREEDY = SamplingParams(temperature=0)
 START, END = 1000, 1001

@@ -15,7 +15,7 @@ import pytest
 from checkpoints import REAL_VOCAB, make_checkpoint, tiny_config
 from typer.testing import CliRunner
 
-from qwen3_chat.cli import app
+from qwen3_chat.cli.app import app
 
 ANSI = re.compile(r"\x1b\[")
 QUESTION = "What is 23 + 14?"
@@ -37,7 +37,7 @@ def demo_reference() -> tuple[str, str]:
     """The demo model's greedy reply to QUESTION, computed through the library directly."""
     from qwen3_chat import ChatSession, SamplingParams, load
     from qwen3_chat.demo import DEMO_MODEL_DIR
-    from qwen3_chat.generate import Finished
+    from qwen3_chat.engine.events import Finished
 
     model, tok = load(DEMO_MODEL_DIR)
     session = ChatSession(model, tok, sampling=SamplingParams(temperature=0), budget=4096)
@@ -59,7 +59,7 @@ def random_model(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
 
 
 def test_help_and_version_do_not_import_mlx():
-    code = ("import sys\nfrom qwen3_chat.cli import app\nfrom typer.testing import CliRunner\n"
+    code = ("import sys\nfrom qwen3_chat.cli.app import app\nfrom typer.testing import CliRunner\n"
             "r = CliRunner().invoke(app, ['--help'])\n"
             "assert r.exit_code == 0 and 'chat' in r.stdout, r.output\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', "

@@ -10,7 +10,7 @@ import pytest
 
 from qwen3_chat import ChatSession, SamplingParams, load
 from qwen3_chat.demo import DEMO_MODEL_DIR, data, train
-from qwen3_chat.generate import AnswerText, Finished, ReasoningText, ThinkingDone
+from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText, ThinkingDone
 
 MAX_FOLDER_BYTES = 4 * 1024**2
 

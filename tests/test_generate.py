@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 
 from qwen3_chat import SamplingParams
+from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText, ThinkingDone
+from qwen3_chat.engine.generate import prefill, stream_generate
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.generate import (
-    AnswerText,
-    Finished,
-    ReasoningText,
-    ThinkingDone,
-    prefill,
-    stream_generate,
-)
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"

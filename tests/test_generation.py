@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 
 from qwen3_chat import ChatSession, SamplingParams
-from qwen3_chat.budget import CLOSING_TEXT
-from qwen3_chat.cache import KVCache
-from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.generate import (
+from qwen3_chat.chat.session import common_prefix
+from qwen3_chat.engine.budget import CLOSING_TEXT
+from qwen3_chat.engine.events import (
     AnswerText,
     ContextTrimmed,
     Finished,
     ReasoningText,
     ThinkingDone,
-    stream_generate,
 )
-from qwen3_chat.sampling import keep_min_p, keep_top_k, keep_top_p, make_sampler
-from qwen3_chat.session import common_prefix
+from qwen3_chat.engine.generate import stream_generate
+from qwen3_chat.engine.sampling import keep_min_p, keep_top_k, keep_top_p, make_sampler
+from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.models.cache import KVCache
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -44,7 +44,7 @@ def test_top_k_top_p_min_p_keep_exactly_the_right_set():
 
 
 def test_penalties_math():
-    from qwen3_chat.sampling import make_logits_processors
+    from qwen3_chat.engine.sampling import make_logits_processors
 
     logits = mx.array([[2.0, -2.0, 1.0, 0.5]])
     seen = mx.array([0, 1, 1])
@@ -136,7 +136,7 @@ def test_budget_cuts_at_a_line_end_then_forces_the_closing(tiny, budget):
 def test_budget_counts_reasoning_across_think_blocks(tiny):
     _, tok = tiny
     model = EndlessThinker(tok)
-    from qwen3_chat.budget import ThinkingBudget
+    from qwen3_chat.engine.budget import ThinkingBudget
 
     b = ThinkingBudget(8, [1, 2], tok.think_start_id, tok.think_end_id, grace=0)
     for t in [tok.think_start_id, 11, 12, 13, 14, 15, tok.think_end_id, 16]:

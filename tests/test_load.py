@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from test_model import build, tokens
 
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.loader import load, load_model
+from qwen3_chat.weights.loader import load, load_model
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from checkpoints import hf_weights, tiny_config
 
-from qwen3_chat.config import ModelConfig
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.model import Model
-from qwen3_chat.moe import SparseMoeBlock
-from qwen3_chat.rope import make_rope
+from qwen3_chat.models.config import ModelConfig
+from qwen3_chat.models.moe import SparseMoeBlock
+from qwen3_chat.models.qwen3 import Model
+from qwen3_chat.models.rope import make_rope
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 

@@ -17,9 +17,9 @@ from mlx_lm.utils import save_model as mlx_lm_save_model
 from test_model import tokens
 
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.loader import load, load_model, save_model
-from qwen3_chat.moe import QuantizedSwitchLinear
-from qwen3_chat.quantize import quantize_model
+from qwen3_chat.models.moe import QuantizedSwitchLinear
+from qwen3_chat.weights.loader import load, load_model, save_model
+from qwen3_chat.weights.quantize import quantize_model
 
 # Quantization needs input dims divisible by the group size (64).
 QCFG = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64}

@@ -13,7 +13,7 @@ import pexpect
 import pytest
 from checkpoints import REAL_VOCAB, make_checkpoint, tiny_config
 
-from qwen3_chat.repl import closest_command, history_path, save_conversation, unquote
+from qwen3_chat.cli.repl import closest_command, history_path, save_conversation, unquote
 
 QUESTION = "What is 23 + 14?"
 ROWS, COLS = 30, 100
@@ -64,7 +64,7 @@ class Term:
 def demo_reasoning() -> str:
     from qwen3_chat import ChatSession, SamplingParams, load
     from qwen3_chat.demo import DEMO_MODEL_DIR
-    from qwen3_chat.generate import Finished
+    from qwen3_chat.engine.events import Finished
 
     model, tok = load(DEMO_MODEL_DIR)
     session = ChatSession(model, tok, sampling=SamplingParams(temperature=0), budget=4096)

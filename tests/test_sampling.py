@@ -6,8 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.sampling import (
+from qwen3_chat.engine.sampling import (
     SamplingParams,
     apply_processors,
     keep_min_p,
@@ -16,6 +15,7 @@ from qwen3_chat.sampling import (
     make_logits_processors,
     make_sampler,
 )
+from qwen3_chat.errors import Qwen3ChatError
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

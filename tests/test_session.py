@@ -9,9 +9,9 @@ import mlx.core as mx
 import pytest
 
 from qwen3_chat import ChatSession, SamplingParams
+from qwen3_chat.chat.session import common_prefix, soft_switch
+from qwen3_chat.engine.events import AnswerText, ContextTrimmed, Finished, ReasoningText
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.generate import AnswerText, ContextTrimmed, Finished, ReasoningText
-from qwen3_chat.session import common_prefix, soft_switch
 
 GREEDY = SamplingParams(temperature=0)
 EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qwen3_chat.chat.tokenizer import Tokenizer
 from qwen3_chat.errors import TokenizerError
-from qwen3_chat.tokenizer import Tokenizer
 
 RELEASE_CONFIG = "extras/tokenizer_config.release-2025-04-30.json"
 

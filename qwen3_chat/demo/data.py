@@ -320,7 +320,7 @@ def chat_tokenizer(tok: HFTokenizer):
     """
     import tempfile
 
-    from qwen3_chat.tokenizer import Tokenizer
+    from qwen3_chat.chat.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(tok, Path(tmp))

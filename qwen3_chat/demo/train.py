@@ -31,9 +31,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from qwen3_chat.config import ModelConfig
 from qwen3_chat.demo import data
-from qwen3_chat.model import Model
+from qwen3_chat.models.config import ModelConfig
+from qwen3_chat.models.qwen3 import Model
 
 MODEL_CONFIG: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -148,7 +148,7 @@ def train(
     encoded = [data.encode_example(chat, ex) for ex in examples]
     model = Model(ModelConfig.from_dict({**model_config, "vocab_size": tok.get_vocab_size()}))
     if init is not None:  # a second stage: continue from a saved folder's weights
-        from qwen3_chat.loader import load_model
+        from qwen3_chat.weights.loader import load_model
 
         model.update(load_model(init, dtype=mx.float32).parameters())
     mx.eval(model.parameters())
@@ -203,8 +203,9 @@ def held_out_sums(n: int, seed: int = 1234) -> list[tuple[int, int]]:
 
 def reply(model, tokenizer, text: str, thinking: bool, max_tokens: int = 200) -> str:
     """Greedy reply as the raw generated text (with <think> and <|im_end|>)."""
-    from qwen3_chat.generate import Finished, stream_generate
-    from qwen3_chat.sampling import SamplingParams
+    from qwen3_chat.engine.events import Finished
+    from qwen3_chat.engine.generate import stream_generate
+    from qwen3_chat.engine.sampling import SamplingParams
 
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], enable_thinking=thinking
@@ -219,7 +220,7 @@ def reply(model, tokenizer, text: str, thinking: bool, max_tokens: int = 200) ->
 
 
 def evaluate(path: Path, n: int = 50, log=print) -> dict[str, float]:
-    from qwen3_chat.loader import load
+    from qwen3_chat.weights.loader import load
 
     model, tokenizer = load(path)
     result = {}

@@ -14,9 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.generate import (
-    DEFAULT_MAX_TOKENS,
+from qwen3_chat.engine.events import (
     AnswerText,
     ContextTrimmed,
     Event,
@@ -24,9 +22,10 @@ from qwen3_chat.generate import (
     GenerationStats,
     ReasoningText,
     ThinkingDone,
-    stream_generate,
 )
-from qwen3_chat.sampling import SamplingParams
+from qwen3_chat.engine.generate import DEFAULT_MAX_TOKENS, stream_generate
+from qwen3_chat.engine.sampling import SamplingParams
+from qwen3_chat.errors import Qwen3ChatError
 
 CAPABILITIES = ("hybrid", "never", "always")
 SAVE_VERSION = 1

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 from qwen3_chat.errors import DownloadError, Qwen3ChatError
-from qwen3_chat.registry import DEMO_ALIAS, ModelEntry, load_registry
-from qwen3_chat.verify import SHA256, sha256_of, verify_model_dir
+from qwen3_chat.hub.registry import DEMO_ALIAS, ModelEntry, load_registry
+from qwen3_chat.weights.verify import SHA256, sha256_of, verify_model_dir
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.*", "merges.txt"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -176,7 +176,7 @@ def ensure_model(
     if repo_id is not None:
         return download(repo_id, revision=revision, progress=progress, label=label)
     # No published MLX repo at these bits: fetch the original and quantize it here.
-    from qwen3_chat.convert import convert
+    from qwen3_chat.weights.convert import convert
 
     src = download(entry.repo, revision=revision, progress=progress, label=label)
     return convert(src, converted_dir(entry.repo, bits or DEFAULT_BITS), bits or DEFAULT_BITS)

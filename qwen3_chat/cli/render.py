@@ -1,7 +1,7 @@
 """Presenting one turn's event stream: rich live panels for a terminal, plain text for pipes.
 
-Only this module, cli.py and repl.py print. Generation events are imported lazily by the
-caller; here they are matched by class name so that importing render never pulls in MLX.
+Only the cli package prints. Events come from the MLX-free `engine.events`, so importing
+render never pulls in MLX.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.text import Text
 
+from qwen3_chat.engine.events import (
+    AnswerText,
+    ContextTrimmed,
+    Finished,
+    ReasoningText,
+    ThinkingDone,
+)
+
 THINK_TAIL_LINES = 6  # reasoning lines kept visible in the live thinking panel
-
-
-def _kind(ev: Any) -> str:
-    return type(ev).__name__
 
 
 def thought_line(tokens: int, seconds: float, budget_hit: bool, *, expanded: bool) -> str:
@@ -108,8 +112,7 @@ class LiveTurn:
             self._live = None
 
     def on_event(self, ev: Any) -> TurnResult | None:
-        kind = _kind(ev)
-        if kind == "ReasoningText":
+        if isinstance(ev, ReasoningText):
             self._switch("thinking")
             self.reasoning.append(ev.text)
             self.think_tokens += 1
@@ -117,7 +120,7 @@ class LiveTurn:
                 self.console.print(Text(ev.text, style="dim italic"), end="")
             elif self._live is not None:
                 self._live.update(self._thinking_view())
-        elif kind == "ThinkingDone":
+        elif isinstance(ev, ThinkingDone):
             if self._phase in ("thought", "answer"):
                 return None  # a stray </think> inside the answer: the block already closed
             self._stop_live()
@@ -126,18 +129,18 @@ class LiveTurn:
             self.console.print(Text(thought_line(ev.tokens, ev.seconds, ev.budget_hit,
                                                  expanded=self.show_thinking), style="dim"))
             self._phase = "thought"
-        elif kind == "AnswerText":
+        elif isinstance(ev, AnswerText):
             self._switch("answer")
             self.answer.append(ev.text)
             if self._live is not None:
                 self._live.update(self._answer_view())
-        elif kind == "ContextTrimmed":
+        elif isinstance(ev, ContextTrimmed):
             self._stop_live()
             self._phase = ""
             self.console.print(Text(
                 f"⚠ context nearly full: dropped the {ev.dropped_turns} oldest exchange(s); "
                 f"now {ev.context_used} of {ev.context_length} tokens", style="yellow"))
-        elif kind == "Finished":
+        elif isinstance(ev, Finished):
             self._stop_live()
             if self._phase == "thinking" and self.show_thinking:
                 self.console.print()
@@ -169,23 +172,22 @@ class PlainTurn:
     _reasoning_open: bool = False
 
     def on_event(self, ev: Any) -> TurnResult | None:
-        kind = _kind(ev)
-        if kind == "ReasoningText" and self.show_thinking:
+        if isinstance(ev, ReasoningText) and self.show_thinking:
             self.err.write(ev.text)
             self.err.flush()
             self._reasoning_open = True
-        elif kind == "ThinkingDone" and self.show_thinking:
+        elif isinstance(ev, ThinkingDone) and self.show_thinking:
             self.err.write("\n" if self._reasoning_open else "")
             self.err.write(thought_line(ev.tokens, ev.seconds, ev.budget_hit, expanded=True))
             self.err.write("\n")
             self.err.flush()
-        elif kind == "AnswerText" and self.echo_answer:
+        elif isinstance(ev, AnswerText) and self.echo_answer:
             self.out.write(ev.text)
             self.out.flush()
-        elif kind == "ContextTrimmed":
+        elif isinstance(ev, ContextTrimmed):
             self.err.write(f"warning: dropped {ev.dropped_turns} oldest exchange(s) to fit "
                            f"the context of {ev.context_length} tokens\n")
-        elif kind == "Finished":
+        elif isinstance(ev, Finished):
             if self.echo_answer and ev.answer:
                 self.out.write("\n")
                 self.out.flush()

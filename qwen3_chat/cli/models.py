@@ -24,7 +24,7 @@ def download(
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
 ) -> None:
     """Download a model into the Hugging Face cache and verify it."""
-    from qwen3_chat import hub
+    from qwen3_chat.hub import download as hub
 
     if bits not in (4, 8, 16):
         raise Qwen3ChatError(f"--bits must be 4, 8 or 16, not {bits}")
@@ -41,8 +41,8 @@ def models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from qwen3_chat import hub
-    from qwen3_chat.registry import load_registry
+    from qwen3_chat.hub import download as hub
+    from qwen3_chat.hub.registry import load_registry
 
     registry = load_registry()
     cached = hub.cached_repos()
@@ -70,7 +70,7 @@ def rm(
     bits: int | None = typer.Option(None, "--bits", help="Only this variant (4, 8 or 16)."),
 ) -> None:
     """Delete a downloaded model from the cache."""
-    from qwen3_chat import hub
+    from qwen3_chat.hub import download as hub
 
     for what in hub.remove(model, bits=bits):
         typer.echo(f"removed {what}", err=True)
@@ -82,7 +82,7 @@ def convert(
     out: Path = typer.Option(..., "--out", help="The folder to create."),
 ) -> None:
     """Quantize an original checkpoint into an MLX-community-compatible folder."""
-    from qwen3_chat.convert import convert as run
+    from qwen3_chat.weights.convert import convert as run
 
     if not src.is_dir():
         raise Qwen3ChatError(f"{src}: not a model folder")

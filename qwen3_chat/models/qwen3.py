@@ -11,10 +11,10 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen3_chat.cache import KVCache
-from qwen3_chat.config import ModelConfig
-from qwen3_chat.moe import SparseMoeBlock, swiglu
-from qwen3_chat.rope import make_rope
+from qwen3_chat.models.cache import KVCache
+from qwen3_chat.models.config import ModelConfig
+from qwen3_chat.models.moe import SparseMoeBlock, swiglu
+from qwen3_chat.models.rope import make_rope
 
 
 class Attention(nn.Module):

@@ -77,7 +77,7 @@ def _root(
 
 
 try:  # the model commands (download, models, rm, convert) live in their own module
-    from qwen3_chat import cli_models
+    from qwen3_chat.cli import models as cli_models
 except ImportError:  # not merged yet: chat still works with local folders and the demo
     cli_models = None
 else:
@@ -102,7 +102,7 @@ def default_model_name() -> str:
     if env:
         return env
     try:
-        from qwen3_chat import registry
+        from qwen3_chat.hub import registry
     except ImportError:
         return DEMO_ALIAS
     return registry.load_registry().default
@@ -110,7 +110,7 @@ def default_model_name() -> str:
 
 def _registry_entry(name: str) -> Any:
     try:
-        from qwen3_chat import registry
+        from qwen3_chat.hub import registry
     except ImportError:
         return None
     try:
@@ -125,7 +125,7 @@ def resolve_path(name: str, bits: int | None) -> Path:
     if local.is_dir():
         return local
     try:
-        from qwen3_chat import hub
+        from qwen3_chat.hub import download as hub
     except ImportError:
         hub = None
     if hub is not None:
@@ -142,7 +142,7 @@ def resolve_path(name: str, bits: int | None) -> Path:
 def open_model(name: str, bits: int | None = None) -> LoadedModel:
     """Resolve, download if needed, and load a model with its tokenizer."""
     path = resolve_path(name, bits)
-    from qwen3_chat.loader import load
+    from qwen3_chat.weights.loader import load
 
     # A local folder may hold an original checkpoint: --bits quantizes it on load.
     already_quantized = (path / "config.json").exists() and "quantization" in _read_config(path)
@@ -232,7 +232,7 @@ def chat(
         raise _usage_exit("empty prompt: give PROMPT or pipe text on stdin")
 
     loaded = open_model(model_name or default_model_name(), bits)
-    from qwen3_chat.session import ChatSession
+    from qwen3_chat.chat.session import ChatSession
 
     thinking = (loaded.capability != "never") if think is None else think
     if thinking and loaded.capability == "never":
@@ -248,7 +248,7 @@ def chat(
         context_length=loaded.context_length,
     )  # fmt: skip
     if interactive:
-        from qwen3_chat.repl import Repl
+        from qwen3_chat.cli.repl import Repl
 
         Repl(session, loaded, open_model=open_model, show_thinking=show_thinking).run()
         return
@@ -258,8 +258,8 @@ def chat(
 def one_shot(session: Any, loaded: LoadedModel, text: str, *, show_thinking: bool,
              as_json: bool) -> None:
     """Answer one prompt: plain text (or one JSON object) on stdout, the rest on stderr."""
-    from qwen3_chat.render import PlainTurn, stats_line
-    from qwen3_chat.session import soft_switch
+    from qwen3_chat.chat.session import soft_switch
+    from qwen3_chat.cli.render import PlainTurn, stats_line
 
     mode = soft_switch(text)
     thinking = session.thinking if mode is None else mode

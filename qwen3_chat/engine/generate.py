@@ -8,76 +8,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 
-from qwen3_chat.budget import CLOSING_TEXT, DEFAULT_GRACE, ThinkingBudget
-from qwen3_chat.cache import KVCache
-from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.sampling import (
+from qwen3_chat.engine.budget import CLOSING_TEXT, DEFAULT_GRACE, ThinkingBudget
+from qwen3_chat.engine.events import (
+    AnswerText,
+    Event,
+    Finished,
+    GenerationStats,
+    ReasoningText,
+    ThinkingDone,
+)
+from qwen3_chat.engine.sampling import (
     LogitsProcessor,
     SamplingParams,
     apply_processors,
     make_logits_processors,
     make_sampler,
 )
+from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.models.cache import KVCache
 
 DEFAULT_MAX_TOKENS = 8192
 
-
-@dataclass(frozen=True)
-class ReasoningText:
-    text: str
-
-
-@dataclass(frozen=True)
-class AnswerText:
-    text: str
-
-
-@dataclass(frozen=True)
-class ThinkingDone:
-    """Emitted once, when `</think>` is produced (or forced by the budget)."""
-
-    tokens: int
-    seconds: float
-    budget_hit: bool
-
-
-@dataclass(frozen=True)
-class ContextTrimmed:
-    """The session dropped its oldest turns to fit the context."""
-
-    dropped_turns: int
-    context_used: int
-    context_length: int
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    prompt_tokens: int
-    prefill_tokens: int  # actually run through the model (after prompt-cache reuse)
-    reasoning_tokens: int
-    answer_tokens: int
-    prefill_tps: float
-    decode_tps: float
-    ttft_s: float
-    total_s: float
-    peak_memory_gb: float
-    finish_reason: str  # "stop" | "length" | "interrupted"
-    budget_hit: bool
-
-
-@dataclass(frozen=True)
-class Finished:
-    stats: GenerationStats
-    reasoning: str
-    answer: str
-    token_ids: tuple[int, ...] = field(default_factory=tuple)
-
-
-Event = ReasoningText | AnswerText | ThinkingDone | ContextTrimmed | Finished
 
 _stream: mx.Stream | None = None
 

@@ -20,18 +20,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen3_chat.config import ModelConfig
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.model import Model
-from qwen3_chat.quantize import (
+from qwen3_chat.models.config import ModelConfig
+from qwen3_chat.models.qwen3 import Model
+from qwen3_chat.weights.quantize import (
     apply_quantization_config,
     check_quantization_block,
     quantize_model,
 )
-from qwen3_chat.verify import HeaderError, parse_header
+from qwen3_chat.weights.verify import HeaderError, parse_header
 
 if TYPE_CHECKING:
-    from qwen3_chat.tokenizer import Tokenizer
+    from qwen3_chat.chat.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -243,7 +243,7 @@ def load(
 ) -> tuple[Model, Tokenizer]:
     """Load a local Qwen3 folder: returns (model, tokenizer)."""
     # Imported here so load_model works (and imports fast) without the tokenizer module.
-    from qwen3_chat.tokenizer import Tokenizer
+    from qwen3_chat.chat.tokenizer import Tokenizer
 
     model = load_model(path, bits=bits, dtype=dtype)
     return model, Tokenizer.from_dir(Path(path))

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from qwen3_chat.cli.render import LiveTurn, make_console, reasoning_panel, stats_line
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.render import LiveTurn, make_console, reasoning_panel, stats_line
 
 COMMANDS: dict[str, str] = {
     "/think": "thinking mode on",
@@ -316,7 +316,7 @@ class Repl:
         self.say(f"saved {len(data['messages'])} messages to {arg}")
 
     def _rebuild(self, data: dict[str, Any]) -> None:
-        from qwen3_chat.session import ChatSession
+        from qwen3_chat.chat.session import ChatSession
 
         self.session = ChatSession.from_dict(
             self.loaded.model, self.loaded.tokenizer, data,
@@ -339,7 +339,7 @@ class Repl:
         self.say(f"loading {arg} …", "dim")
         data = self.session.to_dict()
         loaded = self.open_model(arg)
-        from qwen3_chat.session import ChatSession
+        from qwen3_chat.chat.session import ChatSession
 
         self.loaded = loaded
         self.session = ChatSession.from_dict(loaded.model, loaded.tokenizer, data,

@@ -16,7 +16,7 @@ TOKENIZER_FILES = (
 def convert(src: str | Path, out: str | Path, bits: int) -> Path:
     """Load `src`, quantize to `bits`, and write config (with `quantization`), safetensors
     and tokenizer files to `out` atomically."""
-    from qwen3_chat.loader import load_model, save_model
+    from qwen3_chat.weights.loader import load_model, save_model
 
     src, out = Path(src), Path(out)
     if bits not in (4, 8):

@@ -1,0 +1,1 @@
+"""Conversations: tokenizer and chat template (MLX-free) and `ChatSession` (state, cache reuse)."""

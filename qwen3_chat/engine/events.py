@@ -1,0 +1,62 @@
+"""Typed generation events: plain dataclasses, no MLX, so UIs and servers import them cheaply.
+
+The token layer yields ids; the event layer turns them into these; the UI renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ReasoningText:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerText:
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDone:
+    """Emitted once, when `</think>` is produced (or forced by the budget)."""
+
+    tokens: int
+    seconds: float
+    budget_hit: bool
+
+
+@dataclass(frozen=True)
+class ContextTrimmed:
+    """The session dropped its oldest turns to fit the context."""
+
+    dropped_turns: int
+    context_used: int
+    context_length: int
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    prefill_tokens: int  # actually run through the model (after prompt-cache reuse)
+    reasoning_tokens: int
+    answer_tokens: int
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    total_s: float
+    peak_memory_gb: float
+    finish_reason: str  # "stop" | "length" | "interrupted"
+    budget_hit: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    stats: GenerationStats
+    reasoning: str
+    answer: str
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+Event = ReasoningText | AnswerText | ThinkingDone | ContextTrimmed | Finished

@@ -1,0 +1,1 @@
+"""Models by name: the `models.toml` registry and verified Hugging Face downloads. No MLX."""

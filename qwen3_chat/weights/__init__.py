@@ -1,0 +1,1 @@
+"""Weights on disk: loading, quantizing, verifying and converting. `verify` is MLX-free."""
