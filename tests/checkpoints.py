@@ -148,3 +148,27 @@ def make_checkpoint(
             if src.exists():
                 shutil.copyfile(src, path / name)
     return path
+
+
+# -- in-memory models (MLX imported lazily so hub/CLI tests need no MLX) -------------------
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def build(cfg: dict, seed: int = 0):
+    """Our Model with `hf_weights(cfg, seed)` loaded."""
+    import mlx.core as mx
+
+    from qwen3_chat.models.config import ModelConfig
+    from qwen3_chat.models.qwen3 import Model
+
+    model = Model(ModelConfig.from_dict(cfg))
+    weights = {k: mx.array(v) for k, v in hf_weights(cfg, seed).items()}
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    return model
+
+
+def tokens(n: int, vocab: int = 512, seed: int = 1):
+    """A [1, n] int32 array of random token ids."""
+    import mlx.core as mx
+
+    return mx.array(np.random.default_rng(seed).integers(0, vocab, (1, n)), dtype=mx.int32)

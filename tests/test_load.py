@@ -13,9 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import hf_weights, make_checkpoint, tiny_config
+from checkpoints import build, hf_weights, make_checkpoint, tiny_config, tokens
 from mlx.utils import tree_flatten
-from test_model import build, tokens
 
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.weights.loader import load, load_model

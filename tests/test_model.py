@@ -7,26 +7,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import hf_weights, tiny_config
+from checkpoints import YARN, build, hf_weights, tiny_config, tokens
 
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.models.config import ModelConfig
 from qwen3_chat.models.moe import SparseMoeBlock
-from qwen3_chat.models.qwen3 import Model
 from qwen3_chat.models.rope import make_rope
-
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
-
-
-def build(cfg: dict, seed: int = 0) -> Model:
-    model = Model(ModelConfig.from_dict(cfg))
-    weights = {k: mx.array(v) for k, v in hf_weights(cfg, seed).items()}
-    model.load_weights(list(model.sanitize(weights).items()), strict=True)
-    return model
-
-
-def tokens(n: int, vocab: int = 512, seed: int = 1) -> mx.array:
-    return mx.array(np.random.default_rng(seed).integers(0, vocab, (1, n)), dtype=mx.int32)
 
 
 @pytest.mark.parametrize("name", ["config.json", "Qwen3-30B-A3B/config.json"])

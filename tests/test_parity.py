@@ -7,8 +7,7 @@ import importlib
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import hf_weights, tiny_config
-from test_model import YARN, build, tokens
+from checkpoints import YARN, build, hf_weights, tiny_config, tokens
 
 
 def reference(cfg: dict, seed: int = 0):

@@ -9,12 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import make_checkpoint, tiny_config
+from checkpoints import make_checkpoint, tiny_config, tokens
 from mlx_lm.utils import load_model as mlx_lm_load
 from mlx_lm.utils import quantize_model as mlx_lm_quantize
 from mlx_lm.utils import save_config as mlx_lm_save_config
 from mlx_lm.utils import save_model as mlx_lm_save_model
-from test_model import tokens
 
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.models.moe import QuantizedSwitchLinear
