@@ -28,6 +28,7 @@ MLX_FREE = [
     "qwen3_chat.hub",
     "qwen3_chat.hub.registry",
     "qwen3_chat.hub.download",
+    "qwen3_chat.hub.open",
     "qwen3_chat.cli",
     "qwen3_chat.cli.app",
     "qwen3_chat.cli.render",

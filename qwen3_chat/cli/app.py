@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
 from qwen3_chat import __version__
+from qwen3_chat.cli import models as cli_models
 from qwen3_chat.errors import Qwen3ChatError
 
 # Thinking budget when none is given: long enough for Qwen3's usual reasoning on everyday
@@ -24,7 +23,6 @@ from qwen3_chat.errors import Qwen3ChatError
 DEFAULT_BUDGET = 4096
 # Room for long answers (Qwen recommends 32768 for hard problems; this fits most chats).
 DEFAULT_MAX_TOKENS = 8192
-DEMO_ALIAS = "demo"
 
 
 class _Group(TyperGroup):
@@ -76,99 +74,7 @@ def _root(
     """Chat with Qwen3 models locally, on MLX."""
 
 
-try:  # the model commands (download, models, rm, convert) live in their own module
-    from qwen3_chat.cli import models as cli_models
-except ImportError:  # not merged yet: chat still works with local folders and the demo
-    cli_models = None
-else:
-    cli_models.register(app)
-
-
-# -- model resolution ----------------------------------------------------------------------
-@dataclass
-class LoadedModel:
-    name: str
-    path: Path
-    model: Any
-    tokenizer: Any
-    capability: str = "hybrid"
-    context_length: int | None = None
-    mode_sampling: dict | None = None  # recommended sampling per mode, from models.toml
-
-
-def default_model_name() -> str:
-    """QWEN3_MODEL, else the registry's default, else the shipped demo model."""
-    env = os.environ.get("QWEN3_MODEL", "").strip()
-    if env:
-        return env
-    try:
-        from qwen3_chat.hub import registry
-    except ImportError:
-        return DEMO_ALIAS
-    return registry.load_registry().default
-
-
-def _registry_entry(name: str) -> Any:
-    try:
-        from qwen3_chat.hub import registry
-    except ImportError:
-        return None
-    try:
-        return registry.load_registry().get(name)
-    except (Qwen3ChatError, KeyError):
-        return None
-
-
-def resolve_path(name: str, bits: int | None) -> Path:
-    """A folder on disk for `name` (alias, repo id or folder), downloading it if needed."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return local
-    try:
-        from qwen3_chat.hub import download as hub
-    except ImportError:
-        hub = None
-    if hub is not None:
-        return Path(hub.ensure_model(name, bits=bits, progress=True))
-    if name == DEMO_ALIAS:
-        from qwen3_chat.demo import DEMO_MODEL_DIR
-
-        return DEMO_MODEL_DIR
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise Qwen3ChatError(f"model folder not found: {name}")
-    raise Qwen3ChatError(f"unknown model {name!r}: give a local folder or the alias 'demo'")
-
-
-def open_model(name: str, bits: int | None = None) -> LoadedModel:
-    """Resolve, download if needed, and load a model with its tokenizer."""
-    path = resolve_path(name, bits)
-    from qwen3_chat.weights.loader import load
-
-    # A local folder may hold an original checkpoint: --bits quantizes it on load.
-    already_quantized = (path / "config.json").exists() and "quantization" in _read_config(path)
-    model, tokenizer = load(path, bits=None if already_quantized else bits)
-    entry = _registry_entry(name)
-    capability = getattr(entry, "capability", None) or _guess_capability(tokenizer)
-    context = getattr(entry, "context_length", None)
-    return LoadedModel(name, path, model, tokenizer, capability, context,
-                       getattr(entry, "sampling", None) or None)  # fmt: skip
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # the loader reports a broken config with a better message
-
-
-def _guess_capability(tokenizer: Any) -> str:
-    """Unregistered folders: a template without the enable_thinking switch cannot toggle."""
-    probe = [{"role": "user", "content": "x"}]
-    on = tokenizer.apply_chat_template(probe, enable_thinking=True)
-    off = tokenizer.apply_chat_template(probe, enable_thinking=False)
-    if on != off:
-        return "hybrid"
-    return "always" if on.rstrip().endswith("<think>") else "never"
+cli_models.register(app)
 
 
 # -- chat ---------------------------------------------------------------------------------
@@ -231,8 +137,10 @@ def chat(
     if not interactive and not text.strip():
         raise _usage_exit("empty prompt: give PROMPT or pipe text on stdin")
 
-    loaded = open_model(model_name or default_model_name(), bits)
     from qwen3_chat.chat.session import ChatSession
+    from qwen3_chat.hub.open import default_model_name, open_model
+
+    loaded = open_model(model_name or default_model_name(), bits=bits)
 
     thinking = (loaded.capability != "never") if think is None else think
     if thinking and loaded.capability == "never":
@@ -255,7 +163,7 @@ def chat(
     one_shot(session, loaded, text, show_thinking=show_thinking, as_json=as_json)
 
 
-def one_shot(session: Any, loaded: LoadedModel, text: str, *, show_thinking: bool,
+def one_shot(session: Any, loaded: Any, text: str, *, show_thinking: bool,
              as_json: bool) -> None:
     """Answer one prompt: plain text (or one JSON object) on stdout, the rest on stderr."""
     from qwen3_chat.chat.session import soft_switch

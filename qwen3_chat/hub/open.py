@@ -1,0 +1,128 @@
+"""Opening a model by name: alias, Hugging Face repo id or folder -> a loaded, described model.
+
+The CLI (`qwen3 chat`, the REPL's /model) and servers share this one path, so a model is
+resolved, fetched, loaded and described the same way everywhere. MLX is imported only when
+weights are actually loaded, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen3_chat.errors import ModelLoadError
+from qwen3_chat.hub.registry import ModelEntry, load_registry
+
+# Bits that mean "the original, unquantized weights" (download --bits 16 fetches them).
+ORIGINAL_BITS = 16
+
+# progress(stage, message): stage is "download" (Hugging Face shows its own bars) or "load".
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to chat with, and what the UI needs to know about it."""
+
+    name: str  # as the user gave it (alias, repo id or folder)
+    path: Path
+    model: Any  # models.qwen3.Model (typed loosely: no MLX import here)
+    tokenizer: Any  # chat.tokenizer.Tokenizer
+    capability: str = "hybrid"  # one of registry.CAPABILITIES
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    mode_sampling: dict[str, dict[str, float]] | None = None  # per mode, from models.toml
+    bits: int = ORIGINAL_BITS  # quantization of the weights in memory; 16 = unquantized
+
+
+def default_model_name() -> str:
+    """QWEN3_MODEL, else the registry's default."""
+    return os.environ.get("QWEN3_MODEL", "").strip() or load_registry().default
+
+
+def registry_entry(name: str) -> ModelEntry | None:
+    """The models.toml entry for an alias (None for a repo id or a folder)."""
+    if Path(name).expanduser().is_dir():
+        return None  # a folder of the user's wins over an alias of the same name
+    return load_registry().get(name)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A folder's config.json as a dict; {} when absent or unreadable (the loader says why)."""
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def stored_bits(config: dict[str, Any]) -> int | None:
+    """The bits of a pre-quantized folder (MLX `quantization` block), None when unquantized."""
+    quant = config.get("quantization") or config.get("quantization_config")
+    if isinstance(quant, dict) and isinstance(quant.get("bits"), int):
+        return quant["bits"]
+    return None
+
+
+def guess_capability(tokenizer: Any) -> str:
+    """Thinking capability from the chat template, for models that models.toml does not list.
+
+    A template that ignores `enable_thinking` cannot toggle: it either always opens a
+    `<think>` block (Thinking-2507) or never does (Instruct-2507)."""
+    probe = [{"role": "user", "content": "x"}]
+    on = tokenizer.apply_chat_template(probe, enable_thinking=True)
+    off = tokenizer.apply_chat_template(probe, enable_thinking=False)
+    if on != off:
+        return "hybrid"
+    return "always" if on.rstrip().endswith("<think>") else "never"
+
+
+def locate(name: str, *, bits: int | None = None, progress: Progress | None = None) -> Path:
+    """A verified local folder for `name`, downloading (or converting) it when needed."""
+    from qwen3_chat.hub import download as hub
+
+    found = hub.resolve_local(name, bits=bits)
+    if found is not None:
+        return Path(found)
+    if progress is not None:
+        progress("download", f"downloading {name}")
+    return Path(hub.ensure_model(name, bits=bits, progress=progress is not None))
+
+
+def _load_bits(path: Path, name: str, bits: int | None) -> tuple[int | None, int]:
+    """(bits to quantize to on load, bits of the result) for a folder and the bits asked."""
+    have = stored_bits(read_config(path))
+    if have is None:  # original weights: 4/8 quantize on load, 16 or nothing keeps them
+        return (bits if bits not in (None, ORIGINAL_BITS) else None,
+                bits or ORIGINAL_BITS)  # fmt: skip
+    if bits is not None and bits != have:
+        raise ModelLoadError(f"{name} is already quantized to {have} bits; "
+                             f"it cannot be loaded at {bits} (drop --bits)")  # fmt: skip
+    return None, have
+
+
+def open_model(name: str, *, bits: int | None = None,
+               progress: Progress | None = None) -> LoadedModel:  # fmt: skip
+    """Resolve, fetch if needed, and load `name` with its tokenizer.
+
+    `bits` is 4 or 8 (quantized) or 16 (original weights); a local original folder is
+    quantized on load. `progress(stage, message)` hears about slow steps; the library
+    itself never prints."""
+    path = locate(name, bits=bits, progress=progress)
+    quantize, loaded_bits = _load_bits(path, name, bits)
+    if progress is not None:
+        progress("load", f"loading {name}")
+    from qwen3_chat.weights.loader import load
+
+    model, tokenizer = load(path, bits=quantize)
+    entry = registry_entry(name)
+    capability = entry.capability if entry is not None else guess_capability(tokenizer)
+    return LoadedModel(
+        name=name, path=path, model=model, tokenizer=tokenizer, capability=capability,
+        context_length=entry.context_length if entry is not None else None,
+        mode_sampling=(entry.sampling or None) if entry is not None else None,
+        bits=loaded_bits,
+    )  # fmt: skip
