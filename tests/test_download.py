@@ -162,3 +162,13 @@ def test_convert_round_trip(ckpt, tmp_path):
     np.testing.assert_array_equal(load(out)[0](x), load(ckpt, bits=4)[0](x))
     again = qwen3("convert", str(ckpt), "--bits", "4", "--out", str(out))
     one_line_error(again, "not an empty folder")
+
+
+def test_convert_without_or_with_a_broken_config(ckpt, tmp_path):
+    (ckpt / "config.json").unlink()
+    one_line_error(qwen3("convert", str(ckpt), "--bits", "4", "--out", str(tmp_path / "a")),
+                   "config.json")  # fmt: skip
+    (ckpt / "config.json").write_text("{broken")
+    one_line_error(qwen3("convert", str(ckpt), "--bits", "4", "--out", str(tmp_path / "b")),
+                   "config.json", "not valid JSON")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -211,3 +211,18 @@ def test_hf_quant_method_checkpoint_rejected(tmp_path):
     _edit_config(path, quantization_config=fp8)
     with pytest.raises(ModelLoadError, match="quant_method 'fp8' checkpoints are not supported"):
         load_model(path)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_quantized_folder_missing_a_packed_weight_names_it(tmp_path, moe):
+    """A pre-quantized folder whose .scales is stored but its packed .weight is not."""
+    model = load_model(make_checkpoint(tmp_path / "src", qconfig(moe)))
+    quantize_model(model, 4)
+    out = save_model(model, qconfig(moe), tmp_path / "q4")
+    weights = mx.load(str(out / "model.safetensors"))
+    key = ("model.layers.1.mlp.switch_mlp.up_proj.weight" if moe
+           else "model.layers.1.mlp.up_proj.weight")  # fmt: skip
+    del weights[key]
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    with pytest.raises(ModelLoadError, match=rf"missing tensor {key}"):
+        load_model(out)

@@ -3,14 +3,53 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3_chat.errors import ModelLoadError
+from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
+
+# The bits a user may ask for (CLI, registry, download, convert, load): 4 and 8 are MLX
+# affine quantization (group size 64); 16 means the original, unquantized weights.
+QUANT_BITS = (4, 8)
+ORIGINAL_BITS = 16
+BITS = (*QUANT_BITS, ORIGINAL_BITS)
+DEFAULT_BITS = 4  # what an alias resolves to when no --bits is given and nothing is on disk
+
+# Hugging Face stores MoE experts one by one: layer prefix, expert index, projection, param.
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+_proj)\.(\w+)$")
+
+
+def check_bits(
+    bits: int, allowed: tuple[int, ...] = BITS, *, what: str = "bits",
+    error: type[Qwen3ChatError] = Qwen3ChatError,
+) -> int:  # fmt: skip
+    """`bits` if it is one of `allowed`, else `error` saying which are allowed."""
+    if bits not in allowed or isinstance(bits, bool):
+        names = ", ".join(str(b) for b in allowed[:-1]) + f" or {allowed[-1]}"
+        raise error(f"{what} must be {names}, not {bits}")
+    return bits
+
+
+def expert_key(prefix: str, expert: int, proj: str, param: str = "weight") -> str:
+    """The per-expert tensor name EXPERT_KEY matches (prefix like `model.layers.0.mlp`)."""
+    return f"{prefix}.experts.{expert}.{proj}.{param}"
+
+
+def is_sparse_layer(cfg: Mapping[str, Any], index: int) -> bool:
+    """Whether decoder layer `index` of a config with experts (HF field names) is sparse.
+
+    Hugging Face's rule: every `decoder_sparse_step`-th layer, except those in
+    `mlp_only_layers`. The one copy of the rule for the model, loader, verify and tests."""
+    return (
+        (cfg.get("num_experts") or 0) > 0
+        and index not in (cfg.get("mlp_only_layers") or [])
+        and (index + 1) % max(cfg.get("decoder_sparse_step") or 1, 1) == 0
+    )
 
 
 @dataclass
@@ -38,6 +77,9 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     # MLX-community pre-quantized checkpoints carry this block.
     quantization: dict[str, Any] | None = None
+    # The config.json it came from, every key kept, so saving or converting a model writes
+    # back what was read without reading the file again.
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -64,11 +106,7 @@ class ModelConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether decoder layer `index` uses the sparse MoE block (HF's rule)."""
-        return (
-            self.is_moe
-            and index not in self.mlp_only_layers
-            and (index + 1) % max(self.decoder_sparse_step, 1) == 0
-        )
+        return self.is_moe and is_sparse_layer(vars(self), index)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -76,8 +114,9 @@ class ModelConfig:
             raise ModelLoadError("config.json must hold a JSON object")
         if "model_type" not in d:
             raise ModelLoadError("config.json has no model_type")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
         kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["raw"] = dict(d)
         if kwargs.get("quantization") is None and isinstance(d.get("quantization_config"), dict):
             kwargs["quantization"] = d["quantization_config"]
         required = [
@@ -96,11 +135,6 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{path}: cannot read config ({e})") from None
-        return cls.from_dict(data)
+        from qwen3_chat.files import read_json
+
+        return cls.from_dict(read_json(path, error=ModelLoadError, what="JSON"))

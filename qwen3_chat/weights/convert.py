@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.errors import ModelLoadError
+from qwen3_chat.models.config import QUANT_BITS, ModelConfig, check_bits
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -15,15 +15,20 @@ TOKENIZER_FILES = (
 
 def convert(src: str | Path, out: str | Path, bits: int) -> Path:
     """Load `src`, quantize to `bits`, and write config (with `quantization`), safetensors
-    and tokenizer files to `out` atomically."""
+    and tokenizer files to `out` atomically. The output is recorded so `qwen3 models`
+    lists it while it exists."""
+    from qwen3_chat.hub.state import record_converted
     from qwen3_chat.weights.loader import load_model, save_model
 
     src, out = Path(src), Path(out)
-    if bits not in (4, 8):
-        raise Qwen3ChatError(f"bits must be 4 or 8, not {bits}")
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization"):
-        raise Qwen3ChatError(f"{src} is already quantized")
+    check_bits(bits, QUANT_BITS)
+    if not src.is_dir():
+        raise ModelLoadError(f"{src}: not a model folder")
+    # Checked before any weight is read: a missing, broken or quantized config fails fast.
+    if ModelConfig.from_file(src / "config.json").quantization:
+        raise ModelLoadError(f"{src} is already quantized")
     model = load_model(src, bits=bits)
     extra = [src / name for name in TOKENIZER_FILES if (src / name).exists()]
-    return save_model(model, config, out, extra_files=extra)
+    path = save_model(model, None, out, extra_files=extra)
+    record_converted(path, src, bits)
+    return path

@@ -7,9 +7,7 @@ names the file and tensor.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -21,38 +19,26 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.models.config import ModelConfig
+from qwen3_chat.files import read_json, write_json
+from qwen3_chat.models.config import EXPERT_KEY, QUANT_BITS, ModelConfig, check_bits
 from qwen3_chat.models.qwen3 import Model
 from qwen3_chat.weights.quantize import (
     apply_quantization_config,
     check_quantization_block,
     quantize_model,
 )
-from qwen3_chat.weights.verify import HeaderError, parse_header
+from qwen3_chat.weights.verify import INDEX_FILE, HeaderError, parse_header, shard_list
 
 if TYPE_CHECKING:
     from qwen3_chat.chat.tokenizer import Tokenizer
 
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHARD_BYTES = 5 * 1024**3
 FLOAT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-# Hugging Face stores MoE experts one by one: prefix, expert index, projection.param.
-EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+\.\w+)$")
 
 
 def default_dtype() -> mx.Dtype:
     """float32 on the CPU (bf16 is ~9x slower there and CPU gather_mm needs float32), else bf16."""
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path.name}: not valid JSON ({e})") from None
 
 
 def check_safetensors(path: Path) -> dict[str, Any]:
@@ -71,30 +57,10 @@ def check_safetensors(path: Path) -> dict[str, Any]:
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (via its index when sharded)."""
-    index = path / INDEX_FILE
-    if index.exists():
-        data = _read_json(index)
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(wmap, dict) or not wmap:
-            raise ModelLoadError(f"{INDEX_FILE}: no weight_map")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
-            raise ModelLoadError(f"{INDEX_FILE}: weight_map must map tensor names to file names")
-        names = sorted(set(wmap.values()))
-        for name in names:
-            # Shards must sit in this folder: no "../" or absolute paths from a downloaded index.
-            if Path(name).name != name or name in (".", ".."):
-                raise ModelLoadError(f"{INDEX_FILE}: bad shard name {name!r}")
-            if not (path / name).exists():
-                raise ModelLoadError(f"{INDEX_FILE} lists {name}, which is missing")
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
-            raise ModelLoadError(
-                f"{path}: only pickle weights (.bin/.pt) found; qwen3-chat loads safetensors only"
-            )
-        raise ModelLoadError(f"{path}: no .safetensors weights found")
-    return files
+    try:
+        return shard_list(path)[0]
+    except HeaderError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def read_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -178,7 +144,7 @@ def _check_experts(weights: dict[str, mx.array], origin: dict[str, str]) -> None
         m = EXPERT_KEY.match(key)
         if m is None:
             continue
-        group = (m.group(1), m.group(3))
+        group = (m.group(1), m.group(3), m.group(4))
         shape = tuple(weights[key].shape)
         ref = first.setdefault(group, (key, shape))
         if shape != ref[1]:
@@ -196,12 +162,12 @@ def load_model(
     `bits=4|8` quantizes a float checkpoint on load (group size 64, router at 8 bits).
     """
     path = Path(path)
-    if bits is not None and bits not in (4, 8):
-        raise ModelLoadError(f"bits must be 4 or 8, not {bits}")
+    if bits is not None:
+        check_bits(bits, QUANT_BITS, error=ModelLoadError)
     compute_dtype = _resolve_dtype(dtype)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model folder")
-    config = ModelConfig.from_dict(_read_json(path / "config.json"))
+    config = ModelConfig.from_dict(read_json(path / "config.json", error=ModelLoadError))
     if config.quantization:
         check_quantization_block(config.quantization)
         if bits is not None:
@@ -263,7 +229,7 @@ def _shard(params: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.arr
 
 def save_model(
     model: nn.Module,
-    config: dict[str, Any],
+    config: dict[str, Any] | None,
     out_dir: str | Path,
     *,
     extra_files: Iterable[str | Path] = (),
@@ -271,7 +237,8 @@ def save_model(
 ) -> Path:
     """Write `model` as safetensors shards + config.json (+ `extra_files`, e.g. the tokenizer).
 
-    The quantization block comes from `config` or, failing that, from `model.config`
+    `config` is the config.json to write (None: the one the model was loaded from). The
+    quantization block comes from `config` or, failing that, from `model.config`
     (recorded by quantize_model) and is written as both `quantization` and
     `quantization_config`, as MLX-community folders do. The folder is assembled beside
     `out_dir` and renamed into place, so an interrupted save never leaves a half-written
@@ -284,7 +251,8 @@ def save_model(
     for f in extra:
         if not f.is_file():
             raise ModelLoadError(f"{f}: no such file to copy into {out_dir}")
-    config = dict(config)
+    # None: the config.json the model was loaded from, kept on its ModelConfig.
+    config = dict(config if config is not None else model.config.raw)
     quant = config.get("quantization") or getattr(
         getattr(model, "config", None), "quantization", None
     )
@@ -310,8 +278,8 @@ def save_model(
         if len(shards) > 1:
             total = sum(v.nbytes for v in params.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            write_json(tmp / INDEX_FILE, index)
+        write_json(tmp / "config.json", config, sort_keys=True)
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         if out_dir.exists():

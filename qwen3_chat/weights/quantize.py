@@ -102,6 +102,10 @@ def _inferred_params(path: str, module: nn.Module, weights: dict) -> dict:
     mlx-lm writes per-layer entries only where a layer differs from a predicate, not from
     the global default, so the shapes are the ground truth for unnamed layers.
     """
+    if f"{path}.weight" not in weights:  # scales without the packed weight: a broken folder
+        raise ModelLoadError(
+            f"missing tensor {path}.weight (the checkpoint has its .scales but not the weight)"
+        )
     packed = weights[f"{path}.weight"].shape[-1]
     groups = weights[f"{path}.scales"].shape[-1]
     in_dims = module.weight.shape[-1]

@@ -14,10 +14,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from qwen3_chat.errors import DownloadError
+from qwen3_chat.errors import DownloadError, Qwen3ChatError
+from qwen3_chat.files import read_json
+from qwen3_chat.models.config import expert_key, is_sparse_layer
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 HEADER_LIMIT = 100 * 1024**2
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def sha256_of(path: Path, chunk: int = 8 * 1024**2) -> str:
@@ -67,6 +71,39 @@ def parse_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n + end
 
 
+def shard_list(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder, and its weight map when sharded.
+
+    The one reader of a folder's shard layout for the loader and the download check; a
+    bad index or a shard name that points outside the folder raises HeaderError."""
+    index = path / INDEX_FILE
+    if not index.exists():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+                raise HeaderError(f"{path}: only pickle weights (.bin/.pt) found; "
+                                  "qwen3-chat loads safetensors only")  # fmt: skip
+            raise HeaderError(f"{path}: no .safetensors weights found")
+        return files, None
+    try:
+        data = read_json(index)
+    except Qwen3ChatError as e:
+        raise HeaderError(str(e)) from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise HeaderError(f"{INDEX_FILE}: no weight_map")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise HeaderError(f"{INDEX_FILE}: weight_map must map tensor names to file names")
+    names = sorted(set(wmap.values()))
+    for name in names:
+        # Shards must sit in this folder: no "../" or absolute paths from a downloaded index.
+        if Path(name).name != name or name in (".", ".."):
+            raise HeaderError(f"{INDEX_FILE}: bad shard name {name!r}")
+        if not (path / name).exists():
+            raise HeaderError(f"{INDEX_FILE} lists {name}, which is missing")
+    return [path / n for n in names], wmap
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """A downloaded file's header, after checking its size is exactly what it declares."""
     try:
@@ -86,7 +123,6 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    moe = cfg.get("model_type") == "qwen3_moe" and cfg.get("num_experts", 0) > 0
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (v, h),
         "model.norm.weight": (h,),
@@ -102,16 +138,13 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
                    p + "self_attn.o_proj.weight": (h, nh * hd),
                    p + "self_attn.q_norm.weight": (hd,),
                    p + "self_attn.k_norm.weight": (hd,)}  # fmt: skip
-        sparse = moe and i not in cfg.get("mlp_only_layers", []) and (
-            (i + 1) % max(cfg.get("decoder_sparse_step", 1), 1) == 0
-        )
-        if sparse:
+        if cfg.get("model_type") == "qwen3_moe" and is_sparse_layer(cfg, i):
             mi = cfg["moe_intermediate_size"]
             shapes[p + "mlp.gate.weight"] = (cfg["num_experts"], h)
             for e in range(cfg["num_experts"]):
-                q = f"{p}mlp.experts.{e}."
-                shapes |= {q + "gate_proj.weight": (mi, h), q + "up_proj.weight": (mi, h),
-                           q + "down_proj.weight": (h, mi)}  # fmt: skip
+                for proj, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)),
+                                    ("down_proj", (h, mi))):  # fmt: skip
+                    shapes[expert_key(p + "mlp", e, proj)] = shape
         else:
             inter = cfg["intermediate_size"]
             shapes |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
@@ -122,37 +155,22 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def verify_model_dir(path: Path) -> None:
     """Raise DownloadError saying exactly what is wrong with the folder, if anything."""
     path = Path(path)
+    cfg = read_json(path / "config.json", error=DownloadError)
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in ("qwen3", "qwen3_moe"):
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise DownloadError(f"config.json: model_type {kind!r} is not qwen3")
     try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DownloadError(f"{path}: no config.json") from None
-    except (OSError, ValueError) as e:
-        raise DownloadError(f"config.json: not valid JSON ({e})") from None
-    if cfg.get("model_type") not in ("qwen3", "qwen3_moe"):
-        raise DownloadError(f"config.json: model_type {cfg.get('model_type')!r} is not qwen3")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DownloadError(f"{index.name}: not a valid index") from None
-        files = sorted(set(wmap.values()))
-        missing = [f for f in files if not (path / Path(f).name).exists()]
-        if missing:
-            raise DownloadError(f"{index.name} lists {missing[0]}, which was not downloaded")
-    else:
-        wmap = None
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise DownloadError(f"{path}: no .safetensors weights")
+        files, wmap = shard_list(path)
+    except HeaderError as e:
+        raise DownloadError(str(e)) from None
     tensors: dict[str, tuple[str, list[int]]] = {}
-    for name in files:
-        for key, info in read_header(path / Path(name).name).items():
-            tensors[key] = (name, info.get("shape"))
+    for f in files:
+        for key, info in read_header(f).items():
+            tensors[key] = (f.name, info.get("shape"))
     if wmap is not None:
         for key, name in wmap.items():
             if tensors.get(key, (None,))[0] != name:
-                raise DownloadError(f"{index.name}: tensor {key} is not in {name}")
+                raise DownloadError(f"{INDEX_FILE}: tensor {key} is not in {name}")
     if cfg.get("quantization") or cfg.get("quantization_config"):
         return  # packed shapes: the loader validates them against the built model
     try:
