@@ -1,6 +1,9 @@
-"""Per-layer KV cache: preallocated in steps, written in place, trimmable."""
+"""Per-layer caches: the KV cache of attention layers (preallocated, trimmable) and the
+conv + recurrent state of linear (Gated DeltaNet) layers (snapshots, not trim)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -54,3 +57,73 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def can_trim(self, n: int) -> bool:
+        """Keys and values are kept per token, so any suffix can be forgotten."""
+        return 0 <= n <= self.offset
+
+
+@dataclass(frozen=True)
+class LinearSnapshot:
+    """A linear layer's state after `offset` tokens (arrays are immutable: no copy needed)."""
+
+    offset: int
+    conv: mx.array | None
+    recurrent: mx.array | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.conv, self.recurrent) if a is not None)
+
+
+class LinearCache:
+    """State of one Gated DeltaNet layer: the conv window and the recurrent matrix.
+
+    The recurrent state folds every token in, so it cannot be trimmed back to an earlier
+    token. It can only go back to a snapshot taken there, and by exactly the last update
+    (kept as one snapshot), which is what a speculative decode step needs to be undone.
+    """
+
+    def __init__(self) -> None:
+        self.conv: mx.array | None = None  # [B, kernel - 1, channels]: the last inputs
+        self.recurrent: mx.array | None = None  # [B, heads, Dk, Dv], float32
+        self.offset = 0
+        self._previous: LinearSnapshot | None = None
+
+    def update(self, conv: mx.array, recurrent: mx.array, tokens: int) -> None:
+        self._previous = self.snapshot()
+        self.conv, self.recurrent = conv, recurrent
+        self.offset += tokens
+
+    def snapshot(self) -> LinearSnapshot:
+        return LinearSnapshot(self.offset, self.conv, self.recurrent)
+
+    def restore(self, snap: LinearSnapshot) -> None:
+        self.offset, self.conv, self.recurrent = snap.offset, snap.conv, snap.recurrent
+        self._previous = None
+
+    def can_trim(self, n: int) -> bool:
+        return n == 0 or (self._previous is not None and self.offset - self._previous.offset == n)
+
+    def trim(self, n: int) -> int:
+        """Undo the last update if it was exactly `n` tokens; otherwise remove nothing."""
+        if n <= 0 or not self.can_trim(n):
+            return 0
+        self.restore(self._previous)  # type: ignore[arg-type]
+        return n
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in (self.conv, self.recurrent) if a is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+LayerCache = KVCache | LinearCache
+
+
+def can_trim(cache: list[LayerCache], n: int) -> bool:
+    """Whether every layer can forget its last `n` tokens (hybrid models usually cannot)."""
+    return all(c.can_trim(n) for c in cache)

@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.files import read_json, write_json
-from qwen3_chat.models.config import EXPERT_KEY, QUANT_BITS, ModelConfig, check_bits
+from qwen3_chat.models import build_model, config_from_dict
+from qwen3_chat.models.config import EXPERT_KEY, QUANT_BITS, check_bits
 from qwen3_chat.models.qwen3 import Model
 from qwen3_chat.weights.quantize import (
     apply_quantization_config,
@@ -167,13 +168,14 @@ def load_model(
     compute_dtype = _resolve_dtype(dtype)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model folder")
-    config = ModelConfig.from_dict(read_json(path / "config.json", error=ModelLoadError))
+    # model_type picks the architecture: Qwen3 (dense/MoE) or the hybrid family.
+    config = config_from_dict(read_json(path / "config.json", error=ModelLoadError))
     if config.quantization:
         check_quantization_block(config.quantization)
         if bits is not None:
             raise ModelLoadError(f"{path}: already quantized; drop --bits")
     weights, origin = read_weights(path)
-    model = Model(config)
+    model = build_model(config)
     _check_experts(weights, origin)
     try:
         weights = model.sanitize(weights)
