@@ -1,4 +1,4 @@
-"""The `qwen3` command line: `qwen3 chat` (REPL or one-shot) plus the model commands.
+"""The `qwen3` command line: `qwen3 chat` (REPL or one-shot), `qwen3 show` and the model commands.
 
 Nothing heavy is imported at module level: `qwen3 --help` must not load MLX. The engine,
 registry and REPL are imported inside the command that needs them.
@@ -6,7 +6,6 @@ registry and REPL are imported inside the command that needs them.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -16,6 +15,8 @@ from typer.core import TyperGroup
 
 from qwen3_chat import __version__
 from qwen3_chat.cli import models as cli_models
+from qwen3_chat.cli import show as cli_show
+from qwen3_chat.cli.oneshot import usage_exit
 from qwen3_chat.errors import Qwen3ChatError
 
 # Thinking budget when none is given: long enough for Qwen3's usual reasoning on everyday
@@ -23,14 +24,28 @@ from qwen3_chat.errors import Qwen3ChatError
 DEFAULT_BUDGET = 4096
 # Room for long answers (Qwen recommends 32768 for hard problems; this fits most chats).
 DEFAULT_MAX_TOKENS = 8192
+# MLX's PRNG key is built from an unsigned 64-bit seed.
+SEED_MAX = 2**64 - 1
+# Quantization the CLI offers: 4 or 8 bits, or 16 for the original weights.
+BITS = (4, 8, 16)
 
 
 class _Group(TyperGroup):
-    """Every command's Qwen3ChatError becomes one line on stderr and exit 1, no traceback."""
+    """Errors become one line on stderr: usage errors exit 2, Qwen3ChatError and I/O exit 1."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:  # `qwen3 --nope`: the root's own options fail before invoke
+            return super().parse_args(ctx, args)
+        except typer.TyperException as e:
+            raise _one_line(e) from None
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a full disk must fail here, not in the interpreter's exit
+            return result
+        except typer.TyperException as e:  # click's usage errors of the subcommands
+            raise _one_line(e) from None
         except Qwen3ChatError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
@@ -39,6 +54,19 @@ class _Group(TyperGroup):
             # stdout at devnull so the flush at exit does not complain again.
             _silence_stdout()
             raise typer.Exit(0) from None
+        except OSError as e:  # stdout on a full disk or a broken device
+            _silence_stdout()
+            where = f"{e.filename}: " if e.filename else "cannot write the output: "
+            typer.echo(f"error: {where}{e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _one_line(e: Any) -> typer.Exit:
+    """click prints usage, a hint and the error on four lines; we print one."""
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message()}{hint}", err=True)
+    return typer.Exit(getattr(e, "exit_code", 2))
 
 
 def _silence_stdout() -> None:
@@ -52,9 +80,10 @@ def _silence_stdout() -> None:
 app = typer.Typer(
     cls=_Group,
     name="qwen3",
-    help="Chat with Qwen3 models locally, on MLX.",
-    no_args_is_help=True,
-    add_completion=False,
+    help="Chat with Qwen3 models locally, on MLX. Without a command: `qwen3 chat`.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=True,
+    add_completion=True,
     pretty_exceptions_enable=False,  # never dump locals (prompts, paths) in a traceback
     rich_markup_mode=None,
 )
@@ -68,16 +97,27 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Show the version and exit."),
 ) -> None:
-    """Chat with Qwen3 models locally, on MLX."""
+    """Chat with Qwen3 models locally, on MLX. Without a command: `qwen3 chat`."""
+    if ctx.invoked_subcommand is not None or ctx.resilient_parsing:
+        return
+    # Bare `qwen3`: chat in a terminal, answer piped text; with nothing at all piped in
+    # (`qwen3 < /dev/null`, cron) there is nothing to answer, so show the help.
+    args: list[str] = []
+    if not sys.stdin.isatty():
+        text = _read_prompt(None)
+        if not text.strip():
+            typer.echo(ctx.get_help())
+            raise typer.Exit(0)
+        args = ["--", text]  # "--": piped text that starts with "-" is not an option
+    command = ctx.command.get_command(ctx, "chat")
+    with command.make_context("chat", args, parent=ctx) as sub:
+        command.invoke(sub)
 
 
-cli_models.register(app)
-
-
-# -- chat ---------------------------------------------------------------------------------
 def _read_prompt(prompt: str | None) -> str:
     """PROMPT plus all of stdin when stdin is not a terminal; bad UTF-8 is replaced."""
     parts = [prompt] if prompt else []
@@ -99,11 +139,6 @@ def _overrides(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _usage_exit(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
-
-
 @app.command()
 def chat(
     prompt: str | None = typer.Argument(None, help="Ask once and exit (stdin is appended)."),
@@ -122,32 +157,41 @@ def chat(
     top_k: int | None = typer.Option(None, "--top-k", min=0),
     min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0),
     presence_penalty: float | None = typer.Option(None, "--presence-penalty", min=0.0, max=2.0),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=SEED_MAX,
+                                    help="Seed for reproducible sampling (0 to 2**64-1)."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     show_thinking: bool = typer.Option(False, "--show-thinking/--hide-thinking",
         help="Keep the reasoning visible (one-shot: on stderr)."),
     as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
-    bits: int | None = typer.Option(None, "--bits", help="Quantize to 4 or 8 bits."),
+    as_jsonl: bool = typer.Option(False, "--jsonl",
+        help="One-shot: stream JSON Lines events (reasoning, answer, thinking_done, "
+             "context_trimmed, finished)."),
+    bits: int | None = typer.Option(None, "--bits",
+        help="4 or 8 (quantized) or 16 (the original weights)."),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
-    if bits is not None and bits not in (4, 8):
-        raise _usage_exit("--bits must be 4 or 8")
-    interactive = prompt is None and sys.stdin.isatty() and not as_json
+    if bits is not None and bits not in BITS:
+        raise usage_exit("--bits must be 4, 8 or 16")
+    if budget is not None and no_budget:
+        raise usage_exit("--budget and --no-budget cannot be used together")
+    if as_json and as_jsonl:
+        raise usage_exit("--json and --jsonl cannot be used together")
+    output = "json" if as_json else "jsonl" if as_jsonl else "text"
+    interactive = prompt is None and sys.stdin.isatty() and output == "text"
     text = "" if interactive else _read_prompt(prompt)
     if not interactive and not text.strip():
-        raise _usage_exit("empty prompt: give PROMPT or pipe text on stdin")
+        raise usage_exit("empty prompt: give PROMPT or pipe text on stdin")
 
     from qwen3_chat.chat.session import ChatSession
-    from qwen3_chat.hub.open import default_model_name, open_model
+    from qwen3_chat.cli.progress import open_with_status
+    from qwen3_chat.hub.open import default_model_name
 
-    loaded = open_model(model_name or default_model_name(), bits=bits)
-
+    loaded = open_with_status(model_name or default_model_name(), bits=bits)
+    _warn_unhonoured(think, loaded.name, loaded.capability)
     thinking = (loaded.capability != "never") if think is None else think
-    if thinking and loaded.capability == "never":
-        typer.echo(f"warning: {loaded.name} cannot think; answering directly", err=True)
-        thinking = False
     session = ChatSession(
-        loaded.model, loaded.tokenizer, system=system, thinking=thinking,
+        loaded.model, loaded.tokenizer, system=system,
+        thinking=thinking or loaded.capability == "always",
         budget=None if no_budget else (DEFAULT_BUDGET if budget is None else budget),
         max_tokens=max_tokens, capability=loaded.capability,
         sampling_overrides=_overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -158,50 +202,23 @@ def chat(
     if interactive:
         from qwen3_chat.cli.repl import Repl
 
-        Repl(session, loaded, open_model=open_model, show_thinking=show_thinking).run()
+        Repl(session, loaded, open_model=open_with_status, show_thinking=show_thinking).run()
         return
-    one_shot(session, loaded, text, show_thinking=show_thinking, as_json=as_json)
+    from qwen3_chat.cli.oneshot import one_shot
+
+    one_shot(session, loaded.name, text, show_thinking=show_thinking, output=output)
 
 
-def one_shot(session: Any, loaded: Any, text: str, *, show_thinking: bool,
-             as_json: bool) -> None:
-    """Answer one prompt: plain text (or one JSON object) on stdout, the rest on stderr."""
-    from qwen3_chat.chat.session import soft_switch
-    from qwen3_chat.cli.render import PlainTurn, stats_line
+def _warn_unhonoured(think: bool | None, name: str, capability: str) -> None:
+    """--think/--no-think that the model's template cannot honour: say so, once."""
+    if think is False and capability == "always":
+        typer.echo(f"warning: {name} always thinks; --no-think is ignored", err=True)
+    elif think is True and capability == "never":
+        typer.echo(f"warning: {name} cannot think; --think is ignored", err=True)
 
-    mode = soft_switch(text)
-    thinking = session.thinking if mode is None else mode
-    n = len(session.render(thinking, [{"role": "user", "content": text}]))
-    if n >= session.context_length:
-        raise _usage_exit(f"the prompt is {n} tokens, longer than the model's context of "
-                          f"{session.context_length}")
-    turn = PlainTurn(show_thinking=show_thinking, echo_answer=not as_json)
-    done = None
-    for ev in session.send(text):
-        result = turn.on_event(ev)
-        if result is not None:
-            done = (ev, result)
-    if done is None:  # the engine always ends with Finished; guard against a silent stop
-        raise Qwen3ChatError("generation ended without a result")
-    ev, result = done
-    stats = result.stats
-    if as_json:
-        out = {
-            "answer": ev.answer,
-            "reasoning": ev.reasoning,
-            "model": loaded.name,
-            "usage": {"prompt_tokens": stats.prompt_tokens,
-                      "reasoning_tokens": stats.reasoning_tokens,
-                      "answer_tokens": stats.answer_tokens},
-            "timings": {"ttft_s": stats.ttft_s, "total_s": stats.total_s,
-                        "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps},
-            "finish_reason": stats.finish_reason,
-            "budget_hit": stats.budget_hit,
-        }  # fmt: skip
-        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-    elif sys.stderr.isatty():
-        typer.echo(stats_line(stats), err=True)
+
+cli_show.register(app)
+cli_models.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,70 @@
+"""`qwen3 show MODEL`: architecture, thinking, context, quantization, size and memory needed."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from qwen3_chat.cli.models import _size as size
+from qwen3_chat.errors import Qwen3ChatError
+
+
+def _count(n: int) -> str:
+    """Parameters the way model cards say them: 596M, 4.0B, 30.5B."""
+    if n >= 10**9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.1f}M" if n < 10**8 else f"{n / 1e6:.0f}M"
+
+
+def _lines(info) -> list[tuple[str, str]]:
+    rows = [("model", info.name), ("path", info.path),
+            ("architecture", f"{info.architecture} ({info.kind})"),
+            ("layers", str(info.layers)),
+            ("hidden size", f"{info.hidden_size} · FFN {info.ffn_size}"
+             + (" per expert" if info.experts else "")),
+            ("attention", f"{info.attention_heads} query heads, {info.kv_heads} key/value heads, "
+                          f"head dim {info.head_dim}")]  # fmt: skip
+    if info.experts:
+        rows.append(("experts", f"{info.experts}, {info.experts_per_token} active per token"))
+    q = info.quantization
+    params = _count(info.parameters)
+    if info.active_parameters != info.parameters:
+        params += f" ({_count(info.active_parameters)} active per token)"
+    rows += [("vocabulary", f"{info.vocab_size:,} tokens"),
+             ("thinking", info.capability),
+             ("context", f"{info.context_length:,} tokens"),
+             ("quantization", f"{q['bits']}-bit, group size {q['group_size']}" if q
+              else f"none ({info.stored_dtype or 'float'} weights)"),
+             ("parameters", params),
+             ("on disk", size(info.disk_bytes)),
+             ("memory", f"~{size(info.memory_bytes)}: weights {size(info.weights_bytes)} + KV "
+                        f"cache {size(info.kv_cache_bytes)} at {info.context_length:,} tokens "
+                        f"({info.compute_dtype})")]  # fmt: skip
+    return rows
+
+
+def show(
+    model: str = typer.Argument(..., help="An alias, a downloaded repo id, or a folder."),
+    bits: int | None = typer.Option(None, "--bits", help="Which downloaded variant: 4, 8, 16."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object."),
+) -> None:
+    """Describe a model without loading it: architecture, thinking, context, size, memory."""
+    from qwen3_chat.hub import download as hub
+    from qwen3_chat.hub.info import describe
+
+    path = hub.resolve_local(model, bits=bits)
+    if path is None:
+        raise Qwen3ChatError(f"{model} is not downloaded; `qwen3 download {model}` fetches it")
+    info = describe(model, path)
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), ensure_ascii=False))
+        return
+    rows = _lines(info)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(show)
