@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from qwen3_chat import __version__
 from qwen3_chat.cli import models as cli_models
+from qwen3_chat.cli import serve as cli_serve
 from qwen3_chat.cli import show as cli_show
 from qwen3_chat.cli.oneshot import usage_exit
 from qwen3_chat.errors import Qwen3ChatError
@@ -219,6 +220,7 @@ def _warn_unhonoured(think: bool | None, name: str, capability: str) -> None:
 
 cli_show.register(app)
 cli_models.register(app)
+cli_serve.register(app)
 
 
 def main() -> None:
