@@ -52,6 +52,26 @@ def is_sparse_layer(cfg: Mapping[str, Any], index: int) -> bool:
     )
 
 
+def transformers5_aliases(d: Mapping[str, Any]) -> dict[str, Any]:
+    """`d` with transformers-5 spellings mapped back to the fields we read.
+
+    A checkpoint re-saved by transformers >= 5 (any fine-tune or merge) keeps RoPE in
+    `rope_parameters` (theta, scaling type and factors together), and some exporters name
+    the expert count `num_local_experts`. M-RoPE sections are plain RoPE for text."""
+    d = dict(d)
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict):
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in rope and key not in d:
+                d[key] = rope[key]
+        kind = rope.get("rope_type") or rope.get("type")
+        if d.get("rope_scaling") is None and kind not in (None, "default", "mrope"):
+            d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if d.get("num_experts") is None and "num_local_experts" in d:
+        d["num_experts"] = d["num_local_experts"]
+    return d
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -114,8 +134,13 @@ class ModelConfig:
             raise ModelLoadError("config.json must hold a JSON object")
         if "model_type" not in d:
             raise ModelLoadError("config.json has no model_type")
+        if d["model_type"] not in SUPPORTED_MODEL_TYPES:  # before "missing hidden_size, ..."
+            raise ModelLoadError(
+                f"unsupported model_type {d['model_type']!r}: qwen3-chat runs "
+                f"{' and '.join(SUPPORTED_MODEL_TYPES)} models"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = {k: v for k, v in transformers5_aliases(d).items() if k in names}
         kwargs["raw"] = dict(d)
         if kwargs.get("quantization") is None and isinstance(d.get("quantization_config"), dict):
             kwargs["quantization"] = d["quantization_config"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.models.config import is_sparse_layer
+from qwen3_chat.models.config import is_sparse_layer, transformers5_aliases
 
 HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 # Qwen3-Next fuses the Gated DeltaNet input projections (in_proj_qkvz + in_proj_ba);
@@ -126,16 +126,11 @@ class HybridConfig:
         else:
             flat = dict(d)
         flat["model_type"] = model_type
-        rope = flat.get("rope_parameters") or flat.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
+        if flat.get("rope_scaling") is None and not isinstance(
+            flat.get("rope_parameters"), (dict, type(None))
+        ):
             raise ModelLoadError("config.json: rope_parameters must be an object")
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if key in rope and key not in d and not (isinstance(text, dict) and key in text):
-                flat[key] = rope[key]
-        kind = rope.get("rope_type") or rope.get("type")
-        # M-RoPE ("default" with mrope_section) is plain RoPE when every position axis is the
-        # text position; only a real scaling type (YaRN) needs rope_scaling.
-        flat["rope_scaling"] = rope if kind not in (None, "default", "mrope") else None
+        flat = transformers5_aliases(flat)
         if flat.get("quantization") is None and isinstance(flat.get("quantization_config"), dict):
             flat["quantization"] = flat["quantization_config"]
         if flat.get("mlp_only_layers") is None:

@@ -128,7 +128,7 @@ def make_partial_rope(config: HybridConfig) -> RoPE:
     dims, base = config.rope_dims, float(config.rope_theta)
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type") or scaling.get("type")
-    if kind is None:
+    if kind in (None, "default", "mrope"):  # M-RoPE is plain RoPE for text positions
         return RoPE(dims, base)
     if kind == "yarn":
         inv_freq, mscale = yarn_inv_freq(dims, base, scaling, config.max_position_embeddings)
