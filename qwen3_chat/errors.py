@@ -21,3 +21,7 @@ class RegistryError(Qwen3ChatError):
 
 class DownloadError(Qwen3ChatError):
     """A download failed (404, 401, offline, disk full) or did not verify."""
+
+
+class SettingsError(Qwen3ChatError):
+    """A generation or conversation setting (budget, max_tokens, text, ...) is invalid."""

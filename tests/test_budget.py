@@ -1,16 +1,17 @@
-"""The thinking budget: the policy on its own, then through generation with a model that
-never stops thinking by itself (a scripted test double, and the real tiny model with
-`</think>` and eos banned)."""
+"""The thinking budget: the policy on its own, the phase tracker that feeds it, then
+through generation with a model that never stops thinking by itself (a scripted test
+double, and the real tiny model with `</think>` and eos banned)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
 
-from qwen3_chat import SamplingParams
+from qwen3_chat import ChatSession, SamplingParams
 from qwen3_chat.engine.budget import CLOSING_TEXT, ThinkingBudget
 from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText, ThinkingDone
 from qwen3_chat.engine.generate import stream_generate
+from qwen3_chat.engine.phase import Kind, ThinkPhase
 from qwen3_chat.models.cache import KVCache
 
 GREEDY = SamplingParams(temperature=0)
@@ -21,7 +22,7 @@ CLOSE = [7, 8, 9]
 def feed(b: ThinkingBudget, pieces: list[str], first_id: int = 10) -> tuple[int, list[int]]:
     """Feed reasoning tokens with the given texts; returns (index that closed, forced ids)."""
     for i, text in enumerate(pieces):
-        out = b.on_token(first_id + i, text)
+        out = b.on_reasoning_token(first_id + i, text)
         if out is not None:
             return i, out
     return -1, []
@@ -29,19 +30,19 @@ def feed(b: ThinkingBudget, pieces: list[str], first_id: int = 10) -> tuple[int,
 
 # -- the policy -------------------------------------------------------------------------
 def test_within_budget_nothing_happens():
-    b = ThinkingBudget(5, CLOSE, START, END, grace=4, in_reasoning=True)
+    b = ThinkingBudget(5, CLOSE, grace=4)
     assert feed(b, [" a"] * 5) == (-1, []) and b.used == 5 and not b.hit
 
 
 def test_cut_after_the_first_newline_in_the_grace_window():
-    b = ThinkingBudget(3, CLOSE, START, END, grace=10, in_reasoning=True)
+    b = ThinkingBudget(3, CLOSE, grace=10)
     i, out = feed(b, [" a", " b", " c", "d", " e", "f.\n", " g"])
     assert i == 5 and out == [15, *CLOSE]  # the newline token is kept, then the closing
-    assert b.hit and b.used == 6 and not b.in_reasoning
+    assert b.hit and b.used == 6
 
 
 def test_word_boundary_near_the_end_of_the_window_cuts_before_the_new_word():
-    b = ThinkingBudget(2, CLOSE, START, END, grace=10, in_reasoning=True)
+    b = ThinkingBudget(2, CLOSE, grace=10)
     # Over the budget from token 3; words start early in the window but are let run,
     # then the first word start among the last 8 window slots ends the thought.
     pieces = [" a", " b", " long", "er", "word", " c", "xx", "yy", "zz", "ww", " next"]
@@ -51,31 +52,37 @@ def test_word_boundary_near_the_end_of_the_window_cuts_before_the_new_word():
 
 
 def test_no_newline_nor_boundary_cuts_at_budget_plus_grace():
-    b = ThinkingBudget(4, CLOSE, START, END, grace=6, in_reasoning=True)
+    b = ThinkingBudget(4, CLOSE, grace=6)
     i, out = feed(b, ["x"] * 20)
     assert i == 10 and out == CLOSE and b.used == 4 + 6
 
 
 def test_zero_grace_stops_exactly_at_the_budget():
-    b = ThinkingBudget(3, CLOSE, START, END, grace=0, in_reasoning=True)
+    b = ThinkingBudget(3, CLOSE, grace=0)
     i, out = feed(b, [" a", " b", " c", ".\n"])
     assert i == 3 and out == CLOSE and b.used == 3
 
 
-def test_budget_counts_every_think_block_and_not_the_answer():
-    b = ThinkingBudget(6, CLOSE, START, END, grace=0)
-    assert b.on_token(50, " answer before thinking") is None  # not reasoning: not counted
-    stream = [START, 11, 12, 13, END, 14, 15, START, 16, 17, 18]
-    assert [b.on_token(t, " w") for t in stream] == [None] * len(stream)
-    assert b.used == 6 and not b.hit
-    assert b.on_token(19, " w") == CLOSE and b.hit
-
-
 def test_reasoning_after_the_budget_was_hit_is_closed_at_once():
-    b = ThinkingBudget(1, CLOSE, START, END, grace=2, in_reasoning=True)
+    b = ThinkingBudget(1, CLOSE, grace=2)
     feed(b, ["a", "b", "c", "d"])
-    assert b.hit and b.on_token(START, "") is None
-    assert b.on_token(20, "x") == CLOSE  # the window is already spent
+    assert b.hit and b.on_reasoning_token(20, "x") == CLOSE  # the window is already spent
+
+
+# -- the phase tracker ------------------------------------------------------------------
+def test_the_phase_after_a_prompt_is_its_last_marker():
+    assert ThinkPhase.after([5, START, 6], START, END).inside
+    assert not ThinkPhase.after([START, 6, END, 7], START, END).inside
+    assert not ThinkPhase.after([5, 6], START, END).inside
+    assert not ThinkPhase.after([START], None, None).inside  # a tokenizer without markers
+
+
+def test_the_phase_classifies_markers_and_stray_markers():
+    p = ThinkPhase(START, END)
+    kinds = [p.feed(t) for t in [5, END, START, START, 6, END, 7]]
+    assert kinds == [Kind.ANSWER, Kind.ANSWER, Kind.OPEN, Kind.REASONING, Kind.REASONING,
+                     Kind.CLOSE, Kind.ANSWER]  # fmt: skip
+    assert p.peek(START) is Kind.OPEN and not p.inside  # peek does not move
 
 
 # -- through generation -----------------------------------------------------------------
@@ -176,6 +183,38 @@ def test_without_a_budget_thinking_is_bounded_only_by_the_context(tiny):
     ids = tok.encode(PROMPT)
     fin = list(stream_generate(model, tok, ids, sampling=GREEDY, max_tokens=5,
                                context_length=len(ids) + 300))[-1]  # fmt: skip
-    assert fin.stats.finish_reason == "length" and not fin.stats.budget_hit
+    assert fin.stats.finish_reason == "context" and not fin.stats.budget_hit
     assert len(fin.token_ids) == 300 and fin.stats.reasoning_tokens == 299
     assert fin.stats.answer_tokens == 0
+
+
+def test_events_reassemble_a_reply_whose_model_opened_the_think_block(tiny):
+    _, tok = tiny
+    model = EndlessThinker(tok)
+    events = list(stream_generate(model, tok, tok.encode("<|im_start|>assistant\n"),
+                                  sampling=GREEDY, thinking_budget=6))  # fmt: skip
+    text = tok.decode(list(events[-1].token_ids))
+    reasoning, answer = text.split("</think>")
+    shown = "".join(e.text for e in events if isinstance(e, ReasoningText))
+    assert shown == reasoning.replace("<think>", "").lstrip("\n")
+    assert shown.endswith(CLOSING_TEXT.split("</think>")[0])  # the forced part is reasoning
+    said = "".join(e.text for e in events if isinstance(e, AnswerText))
+    assert said == answer.replace("<|im_end|>", "").lstrip("\n") == " 42."
+
+
+def test_a_session_interrupted_mid_thought_then_answers_within_the_budget(tiny):
+    _, tok = tiny
+    s = ChatSession(EndlessThinker(tok), tok, sampling=GREEDY, max_tokens=30, budget=5)
+    stream = s.send("Tell me a story")
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break  # as if Ctrl-C arrived mid-thought
+    stream.close()
+    s.abort()
+    last = s.messages[-1]
+    assert last["role"] == "assistant" and last["interrupted"] and last["reasoning_content"]
+    nxt = list(s.send("Another?"))[-1]
+    assert nxt.answer == "42." and nxt.stats.budget_hit
+    fresh = ChatSession(EndlessThinker(tok), tok, sampling=GREEDY, max_tokens=30, budget=5)
+    fresh.load_messages(s.messages[:2])
+    assert list(fresh.send("Another?"))[-1].token_ids == nxt.token_ids

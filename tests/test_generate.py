@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from qwen3_chat import SamplingParams
+from qwen3_chat.engine.budget import CLOSING_TEXT
 from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText, ThinkingDone
-from qwen3_chat.engine.generate import prefill, stream_generate
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP, prefill, stream_generate
+from qwen3_chat.errors import Qwen3ChatError, SettingsError
+from qwen3_chat.models.cache import KVCache
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
-
-
 
 
 def run(model, tok, ids, **kw) -> list:
@@ -94,6 +94,46 @@ def force_after(tok, n: int, target: int):
         return logits
 
     return force
+
+
+def ban_markers(tok):
+    markers = mx.array([tok.think_start_id, tok.think_end_id, *tok.eos_ids])
+
+    def ban(tokens, logits):
+        logits[..., markers] = -mx.inf
+        return logits
+
+    return ban
+
+
+def script(tok, plan: dict[int, int]):
+    """Force `plan[n]` as the token after n generated ones; elsewhere no marker or eos."""
+    ban = ban_markers(tok)
+
+    def force(tokens, logits):
+        if tokens.size in plan:
+            return mx.full(logits.shape, -1e9).at[..., plan[tokens.size]].add(2e9)
+        return ban(tokens, logits)
+
+    return force
+
+
+def test_the_budget_counts_every_think_block_and_only_reasoning(tiny):
+    model, tok = tiny
+    start, end = tok.think_start_id, tok.think_end_id
+    # <think> r r r </think> a a <think> r r | budget 5 spent: the closing is forced.
+    plan = {0: start, 4: end, 7: start}
+    events = run(model, tok, tok.encode(PROMPT), thinking_budget=5, grace=0, max_tokens=6,
+                 logits_processors=[script(tok, plan)])  # fmt: skip
+    fin = events[-1]
+    gen, closing = list(fin.token_ids), tok.encode(CLOSING_TEXT)
+    assert gen[0] == start and gen[4] == end and gen[7] == start
+    assert gen[10 : 10 + len(closing)] == closing and fin.stats.budget_hit
+    head = closing.index(end)  # forced reasoning tokens before </think>
+    assert fin.stats.reasoning_tokens == 3 + 2 + head
+    assert fin.stats.answer_tokens == 6 and fin.stats.finish_reason == "length"
+    done = [e for e in events if isinstance(e, ThinkingDone)]
+    assert len(done) == 1 and done[0].tokens == 3 and not done[0].budget_hit
 
 
 def test_phase_comes_from_token_ids_not_text(tiny):
@@ -194,11 +234,64 @@ def test_seeded_generation_is_reproducible(tiny):
     assert a == b and a != c
 
 
-def test_generation_stops_when_the_context_is_full(tiny):
+def test_a_full_context_is_its_own_finish_reason_not_max_tokens(tiny):
     model, tok = tiny
     ids = tok.encode(PROMPT)
     fin = run(model, tok, ids, max_tokens=100, context_length=len(ids) + 6)[-1]
-    assert fin.stats.finish_reason == "length" and len(fin.token_ids) == 6
+    assert fin.stats.finish_reason == "context" and len(fin.token_ids) == 6
+    # Reasoning that fills the context is "context" too; max_tokens reached first is "length".
+    think = tok.encode(PROMPT + "<think>\n")
+    fin = run(model, tok, think, max_tokens=2, context_length=len(think) + 5,
+              logits_processors=[ban_markers(tok)])[-1]  # fmt: skip
+    assert (fin.stats.finish_reason, fin.stats.reasoning_tokens) == ("context", 5)
+    fin = run(model, tok, ids, max_tokens=5, context_length=len(ids) + 5)[-1]
+    assert (fin.stats.finish_reason, fin.stats.answer_tokens) == ("length", 5)
+
+
+def test_the_cached_part_of_the_prompt_decides_the_phase_when_told(tiny):
+    # Thinking-2507: the template opens <think>; with a prompt cache only "\n" is new.
+    model, tok = tiny
+    ids = tok.encode(PROMPT + "<think>\n")
+    closer = force_after(tok, 3, tok.think_end_id)
+    whole = run(model, tok, ids, max_tokens=4, logits_processors=[closer])[-1]
+    cache = model.make_cache()
+    prefill(model, ids[:-1], cache)
+    cached = run(model, tok, ids[-1:], cache=cache, max_tokens=4, in_think=True,
+                 prompt_tokens=len(ids), logits_processors=[closer])[-1]  # fmt: skip
+    assert cached.token_ids == whole.token_ids
+    assert (cached.reasoning, cached.answer) == (whole.reasoning, whole.answer)
+    assert cached.stats.reasoning_tokens == whole.stats.reasoning_tokens == 3
+
+
+class BreakAt(KVCache):
+    """A layer cache whose `n`-th write raises KeyboardInterrupt, as Ctrl-C mid-forward."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.writes = n, 0
+
+    def update_and_fetch(self, k, v):
+        self.writes += 1
+        if self.writes == self.n:
+            raise KeyboardInterrupt
+        return super().update_and_fetch(k, v)
+
+
+def test_prefill_is_interruptible_between_small_chunks_and_rewinds_to_whole_ones(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT * 200)  # ~3k tokens: several default chunks
+    assert len(ids) > 4 * DEFAULT_PREFILL_STEP and DEFAULT_PREFILL_STEP <= 512
+    cache = model.make_cache()
+    cache[-1] = BreakAt(4)  # the last layer fails in chunk 4, after the first has written
+    with pytest.raises(KeyboardInterrupt):
+        prefill(model, ids, cache)
+    done = 3 * DEFAULT_PREFILL_STEP
+    assert [c.offset for c in cache] == [done] * len(cache)  # whole chunks, every layer
+    # What the cache holds is exactly the prompt's first chunks: generation resumes there.
+    cache[-1].n = 0
+    a = run(model, tok, ids[done:], cache=cache, max_tokens=5)[-1]
+    b = run(model, tok, ids, max_tokens=5)[-1]
+    assert a.token_ids == b.token_ids
 
 
 @pytest.mark.parametrize(
@@ -207,11 +300,28 @@ def test_generation_stops_when_the_context_is_full(tiny):
         ([], {}, "empty"),
         ([5, 151936], {}, "outside the vocabulary"),
         ([5] * 10, {"context_length": 10}, "longer than the model's context of 10"),
-        ([5], {"max_tokens": 0}, "max_tokens"),
-        ([5], {"thinking_budget": -1}, "budget"),
     ],
 )
-def test_bad_requests_raise_named_errors(tiny, ids, kw, match):
+def test_bad_prompts_raise_named_errors(tiny, ids, kw, match):
     model, tok = tiny
     with pytest.raises(Qwen3ChatError, match=match):
         run(model, tok, ids, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1, not 0"),
+        ({"max_tokens": "9"}, "max_tokens must be an integer >= 1, not '9'"),
+        ({"thinking_budget": -1}, "thinking budget must be an integer >= 0, not -1"),
+        ({"thinking_budget": True}, "thinking budget must be an integer >= 0, not True"),
+        ({"grace": -2}, "grace must be an integer >= 0"),
+        ({"prefill_step": 0}, "prefill_step must be an integer >= 1"),
+    ],
+)
+def test_bad_settings_raise_a_settings_error_before_any_work(tiny, kw, match):
+    model, tok = tiny
+    cache = model.make_cache()
+    with pytest.raises(SettingsError, match=match):
+        run(model, tok, [5, 6], cache=cache, **kw)
+    assert cache[0].offset == 0

@@ -4,19 +4,21 @@ across turns, interrupts, history edits, persistence and the context limit."""
 from __future__ import annotations
 
 import json
+import shutil
 
-import mlx.core as mx
 import pytest
+from checkpoints import TOKENIZER_FILES
 
 from qwen3_chat import ChatSession, SamplingParams
-from qwen3_chat.chat.session import common_prefix, soft_switch
+from qwen3_chat.chat.prompt_cache import common_prefix
+from qwen3_chat.chat.session import soft_switch
+from qwen3_chat.chat.tokenizer import Tokenizer
+from qwen3_chat.engine.budget import CLOSING_TEXT
 from qwen3_chat.engine.events import AnswerText, ContextTrimmed, Finished, ReasoningText
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.errors import Qwen3ChatError, SettingsError
 
 GREEDY = SamplingParams(temperature=0)
 EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-
-
 
 
 def finished(events) -> Finished:
@@ -31,7 +33,7 @@ def session(tiny, **kw) -> ChatSession:
 
 
 class InterruptAt:
-    """The tiny model, but Ctrl-C arrives during its `n`-th forward pass."""
+    """The tiny model, but Ctrl-C arrives during its `n`-th forward pass (0: never)."""
 
     def __init__(self, model, n: int):
         self.model, self.n, self.calls = model, n, 0
@@ -100,7 +102,7 @@ def test_turn_two_prefills_only_the_new_tokens_and_matches_from_scratch(tiny):
     assert second.stats.prompt_tokens == len(prompt2)
     assert second.stats.prefill_tokens == len(prompt2) - reused
     fresh = session(tiny, max_tokens=8, budget=6)
-    fresh.messages = [dict(m) for m in s.messages[:2]]
+    fresh.load_messages(s.messages[:2])
     again = finished(fresh.send("And again?"))
     assert again.token_ids == second.token_ids
     assert again.stats.prefill_tokens == len(prompt2)
@@ -115,7 +117,7 @@ def test_retry_undo_clear(tiny):
     finished(s.send("two"))
     assert s.undo() and [m["content"] for m in s.messages] == ["one", a.answer]
     s.clear()
-    assert s.messages == [] and not s.undo() and s.context_used == 0
+    assert s.messages == () and not s.undo() and s.context_used == 0
     with pytest.raises(Qwen3ChatError, match="nothing to retry"):
         s.retry()
 
@@ -149,23 +151,99 @@ def test_abort_after_closing_the_stream_keeps_the_partial_reply(tiny):
     assert s.last_stats.finish_reason == "interrupted"
     nxt = finished(s.send("Another?"))
     fresh = session(tiny, max_tokens=20, budget=4, sampling=noisy)
-    fresh.messages = [dict(m) for m in s.messages[:2]]
+    fresh.load_messages(s.messages[:2])
     assert finished(fresh.send("Another?")).token_ids == nxt.token_ids
 
 
 @pytest.mark.parametrize("at", [1, 5])  # during prefill, during decoding
-def test_keyboard_interrupt_inside_generation_leaves_a_consistent_cache(tiny, at):
+def test_a_turn_stopped_before_its_first_word_is_undone_and_the_cache_stays_sound(tiny, at):
+    # Greedy, this random model's reply is only newlines: nothing is shown before Ctrl-C.
     model, tok = tiny
-    s = ChatSession(InterruptAt(model, at), tok, sampling=GREEDY, max_tokens=6, thinking=False)
+    s = ChatSession(InterruptAt(model, 0), tok, sampling=GREEDY, max_tokens=6, thinking=False)
+    finished(s.send("first question"))
+    before = s.messages
+    s.model.n, s.model.calls = at, 0
     with pytest.raises(KeyboardInterrupt):
-        finished(s.send("first question"))
+        finished(s.send("second question"))
     s.abort()
-    assert s.messages[-1]["interrupted"] and s.last_stats.finish_reason == "interrupted"
-    nxt = finished(s.send("second question"))
+    assert s.messages == before and s.last_stats.finish_reason == "interrupted"
+    nxt = finished(s.send("third question"))
     fresh = session(tiny, thinking=False)
-    fresh.messages = [dict(m) for m in s.messages[:2]]
-    ref = finished(fresh.send("second question"))
-    assert nxt.token_ids == ref.token_ids
+    fresh.load_messages(before)
+    assert nxt.token_ids == finished(fresh.send("third question")).token_ids
+
+
+def test_a_retry_stopped_before_its_first_word_keeps_the_old_reply(tiny):
+    model, tok = tiny
+    s = ChatSession(InterruptAt(model, 0), tok, sampling=GREEDY, max_tokens=6, thinking=False)
+    finished(s.send("question"))
+    before = s.messages
+    s.model.n, s.model.calls = 2, 0
+    stream = s.retry()
+    with pytest.raises(KeyboardInterrupt):
+        finished(stream)
+    s.abort()
+    assert s.messages == before
+
+
+def test_a_stream_never_read_is_undone_by_the_next_send(tiny):
+    s = session(tiny, thinking=False)
+    s.send("never read")  # the caller dropped the stream
+    finished(s.send("read"))
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+    assert s.messages[0]["content"] == "read"
+
+
+def test_an_interrupted_prefill_is_counted_as_far_as_it_went_and_reused(tiny):
+    # Ctrl-C in the second chunk of a long prompt: the first chunk stays in the cache.
+    model, tok = tiny
+    s = ChatSession(InterruptAt(model, 2), tok, sampling=GREEDY, max_tokens=3, thinking=False)
+    long = "many words " * 400
+    with pytest.raises(KeyboardInterrupt):
+        finished(s.send(long))
+    s.abort()
+    step = 512
+    assert s.messages == () and s.last_stats.prefill_tokens == step
+    again = finished(s.send(long))
+    assert again.stats.prefill_tokens == again.stats.prompt_tokens - step
+    ref = finished(session(tiny, max_tokens=3, thinking=False).send(long))
+    assert again.token_ids == ref.token_ids
+
+
+# -- Thinking-2507: the template opens <think> in the generation prompt ----------------
+@pytest.fixture(scope="module")
+def thinking_2507(tiny, qwen3_tokenizer_dir, tmp_path_factory):
+    """The tiny model with the real Qwen3-4B-Thinking-2507 chat template."""
+    template = qwen3_tokenizer_dir / "family" / "Qwen3-4B-Thinking-2507" / "chat_template.jinja"
+    if not template.exists():
+        pytest.skip(f"the Thinking-2507 template is not at {template}")
+    folder = tmp_path_factory.mktemp("thinking-2507")
+    for name in TOKENIZER_FILES:
+        if (qwen3_tokenizer_dir / name).exists():
+            shutil.copyfile(qwen3_tokenizer_dir / name, folder / name)
+    shutil.copyfile(template, folder / "chat_template.jinja")
+    return tiny[0], Tokenizer.from_dir(folder)
+
+
+@pytest.mark.parametrize("again", ["retry", "undo and resend", "clear and resend"])
+def test_an_always_thinking_model_thinks_again_from_a_cached_prompt(thinking_2507, again):
+    model, tok = thinking_2507
+    s = ChatSession(model, tok, capability="always", budget=3, sampling=GREEDY, max_tokens=4)
+    first = finished(s.send("hi"))
+    assert tok.decode(s.render(True, s.messages[:1])).endswith("<think>\n")
+    if again == "retry":
+        second = finished(s.retry())
+    else:
+        s.undo() if again.startswith("undo") else s.clear()
+        second = finished(s.send("hi"))
+    assert second.stats.prefill_tokens == 1  # the whole prompt but its last token was cached
+    closing = CLOSING_TEXT.split("</think>")[0].strip()
+    for fin in (first, second):
+        assert fin.stats.budget_hit and fin.stats.reasoning_tokens > 3
+        assert fin.reasoning.endswith(closing) and closing not in fin.answer
+    assert second.token_ids == first.token_ids and second.reasoning == first.reasoning
+    assert s.messages[-1]["reasoning_content"] == first.reasoning
+    assert closing not in s.messages[-1]["content"]
 
 
 # -- persistence ------------------------------------------------------------------------
@@ -202,9 +280,9 @@ def test_from_dict_rejects_what_is_not_a_conversation(tiny, bad):
 # -- the context limit ------------------------------------------------------------------
 def test_oldest_turns_are_dropped_to_fit_the_context(tiny):
     s = session(tiny, max_tokens=4, thinking=False, context_length=120)
-    for i in range(4):
-        s.messages += [{"role": "user", "content": f"question {i} " + "x " * 12},
-                       {"role": "assistant", "content": "y " * 6}]  # fmt: skip
+    s.load_messages([m for i in range(4) for m in (
+        {"role": "user", "content": f"question {i} " + "x " * 12},
+        {"role": "assistant", "content": "y " * 6})])  # fmt: skip
     events = list(s.send("last one"))
     trims = [e for e in events if isinstance(e, ContextTrimmed)]
     fin = events[-1]
@@ -221,14 +299,13 @@ def test_a_prompt_longer_than_the_context_is_rejected_and_not_kept(tiny):
     before = [dict(m) for m in s.messages]
     with pytest.raises(Qwen3ChatError, match="longer than the model's context of 64"):
         list(s.send("word " * 100))
-    assert s.messages == before
+    assert list(s.messages) == before
     assert finished(s.send("short again")).stats.finish_reason in ("stop", "length")
 
 
 def test_context_length_defaults_to_the_model_config(tiny):
     model, _ = tiny
     assert session(tiny).context_length == model.config.max_position_embeddings
-    assert mx.array(0).item() == 0  # keep mx imported for the double above
 
 
 def test_one_sampling_knob_keeps_each_modes_defaults(tiny):
@@ -240,3 +317,60 @@ def test_one_sampling_knob_keeps_each_modes_defaults(tiny):
     assert (plain.temperature, plain.top_p, plain.seed) == (0.7, 0.8, 3)
     back = ChatSession.from_dict(model, tok, s.to_dict())
     assert back.sampling_for(True) == think and back.sampling_for(False) == plain
+
+
+# -- settings are checked where they come in ----------------------------------------------
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"budget": -1}, "thinking budget must be an integer >= 0 or None, not -1"),
+        ({"budget": "512"}, "thinking budget must be an integer >= 0 or None, not '512'"),
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1, not 0"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer >= 1, not 2.5"),
+        ({"context_length": -3}, "context_length must be an integer >= 1 or None"),
+        ({"system": 5}, "system must be a string or None, not int"),
+        ({"thinking": "yes"}, "thinking must be True or False"),
+        ({"capability": "sometimes"}, "capability must be one of hybrid, always, never"),
+        ({"sampling": {"temperature": 0}}, "sampling must be a SamplingParams"),
+    ],
+)
+def test_bad_settings_fail_at_construction_with_a_named_error(tiny, kw, match):
+    model, tok = tiny
+    with pytest.raises(SettingsError, match=match):
+        ChatSession(model, tok, **kw)
+
+
+def test_setters_validate_and_the_conversation_is_read_only(tiny):
+    s = session(tiny, thinking=False)
+    with pytest.raises(SettingsError, match="the message must be a string, not int"):
+        s.send(123)
+    assert s.messages == ()
+    for name, value in (("budget", -5), ("max_tokens", None), ("system", ["x"]),
+                        ("thinking", 1)):  # fmt: skip
+        with pytest.raises(SettingsError, match=name.replace("budget", "thinking budget")):
+            setattr(s, name, value)
+    s.budget, s.max_tokens = 7, 3
+    s.set_system("Be brief.")
+    assert (s.budget, s.max_tokens, s.system) == (7, 3, "Be brief.")
+    s.set_system("")
+    assert s.system is None
+    finished(s.send("hi"))
+    copy = s.messages
+    copy[0]["content"] = "edited"
+    assert s.messages[0]["content"] == "hi" and isinstance(copy, tuple)
+    with pytest.raises(SettingsError, match="bad message"):
+        s.load_messages([{"role": "tool", "content": "x"}])
+    assert s.messages[0]["content"] == "hi"  # a rejected load changes nothing
+    never = session(tiny, capability="never")
+    with pytest.raises(SettingsError, match="cannot think"):
+        never.thinking = True
+    always = session(tiny, capability="always")
+    with pytest.raises(SettingsError, match="always thinks"):
+        always.thinking = False
+
+
+def test_a_reply_cut_by_the_context_is_marked_truncated(tiny):
+    s = session(tiny, thinking=False, max_tokens=50, context_length=40)
+    fin = finished(s.send("hi"))
+    assert fin.stats.finish_reason == "context" and s.messages[-1]["truncated"] is True
+    assert fin.stats.prompt_tokens + len(fin.token_ids) == 40

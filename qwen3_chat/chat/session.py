@@ -2,18 +2,28 @@
 
 It renders the whole conversation with the model's template every turn, and reuses the
 KV cache up to where the new prompt diverges from what the cache holds (the template
-drops earlier reasoning, so that is usually inside the previous assistant turn).
+drops earlier reasoning, so that is usually inside the previous assistant turn). The
+conversation changes only through its methods, so it stays consistent: turns alternate,
+and a reply cut off is kept, marked, or undone when nothing of it was said.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-import mlx.core as mx
-
+from qwen3_chat.chat.prompt_cache import PromptCache
+from qwen3_chat.chat.turn import Turn, check_int, check_message, check_text
+from qwen3_chat.engine.defaults import (
+    ALWAYS,
+    CAPABILITIES,
+    DEFAULT_MAX_TOKENS,
+    HYBRID,
+    NEVER,
+    allows_thinking,
+    mode_name,
+)
 from qwen3_chat.engine.events import (
     AnswerText,
     ContextTrimmed,
@@ -23,11 +33,11 @@ from qwen3_chat.engine.events import (
     ReasoningText,
     ThinkingDone,
 )
-from qwen3_chat.engine.generate import DEFAULT_MAX_TOKENS, stream_generate
+from qwen3_chat.engine.generate import stream_generate
+from qwen3_chat.engine.phase import ThinkPhase
 from qwen3_chat.engine.sampling import SamplingParams
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.errors import Qwen3ChatError, SettingsError
 
-CAPABILITIES = ("hybrid", "never", "always")
 SAVE_VERSION = 1
 
 
@@ -41,23 +51,6 @@ def soft_switch(text: str) -> bool | None:
     return None
 
 
-def _check_settings(kw: dict[str, Any]) -> None:
-    """Types of saved settings: a hand-edited file must fail here, not mid-generation."""
-    for name in ("budget", "context_length"):
-        if kw[name] is not None and (not isinstance(kw[name], int) or kw[name] < 0):
-            raise ValueError(f"{name} must be a non-negative integer or null")
-    if kw["system"] is not None and not isinstance(kw["system"], str):
-        raise ValueError("system must be a string or null")
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class ChatSession:
     def __init__(
         self,
@@ -69,18 +62,27 @@ class ChatSession:
         budget: int | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         sampling: SamplingParams | None = None,
-        capability: str = "hybrid",
+        capability: str = HYBRID,
         context_length: int | None = None,
         sampling_overrides: dict[str, Any] | None = None,
         mode_sampling: dict[str, dict[str, Any]] | None = None,
     ):
         if capability not in CAPABILITIES:
-            raise Qwen3ChatError(f"capability must be one of {', '.join(CAPABILITIES)}")
+            raise SettingsError(f"capability must be one of {', '.join(CAPABILITIES)}, "
+                                f"not {capability!r}")  # fmt: skip
+        if not isinstance(thinking, bool):
+            raise SettingsError(f"thinking must be True or False, not {thinking!r}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise SettingsError("sampling must be a SamplingParams or None")
         self.model, self.tokenizer = model, tokenizer
+        self.capability = capability
+        # A conversation moved to a model of another capability takes the mode it allows.
+        self._thinking = thinking if capability == HYBRID else capability == ALWAYS
         self.system = system
-        self.thinking = thinking and capability != "never"
         self.budget = budget
         self.max_tokens = max_tokens
+        self._context_arg = check_int("context_length", context_length, 1, optional=True)
+        self.context_length: int = context_length or model.config.max_position_embeddings
         self.sampling = sampling  # None: Qwen's recommended settings for each turn's mode
         # The user's knobs (e.g. only a seed) on top of each mode's defaults, and the
         # defaults themselves per mode ("thinking" / "non_thinking", e.g. from models.toml).
@@ -88,38 +90,88 @@ class ChatSession:
         self.mode_sampling = {k: dict(v) for k, v in (mode_sampling or {}).items()}
         for mode in (True, False):
             self.sampling_for(mode)  # fail now, by name, on a bad setting
-        self.capability = capability
-        self._context_arg = context_length  # saved as given; None follows the model
-        self.context_length = context_length or model.config.max_position_embeddings
-        self.messages: list[dict[str, Any]] = []
+        self._messages: list[dict[str, Any]] = []
         self.last_stats: GenerationStats | None = None
-        self._cache = None
-        self._cache_ids: list[int] = []  # the token ids whose keys/values the cache holds
-        self._pending: dict[str, Any] | None = None  # the turn being generated
+        self._cache = PromptCache(model.make_cache)
+        self._turn: Turn | None = None
 
-    # -- state -------------------------------------------------------------------------
+    # -- settings (validated on every assignment) --------------------------------------
+    @property
+    def system(self) -> str | None:
+        return self._system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        self._system = check_text("system", text, optional=True) or None
+
+    def set_system(self, text: str | None) -> None:
+        """Set or (with None or "") remove the system prompt; it applies from the next turn."""
+        self.system = text
+
+    @property
+    def thinking(self) -> bool:
+        return self._thinking
+
+    @thinking.setter
+    def thinking(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise SettingsError(f"thinking must be True or False, not {on!r}")
+        if not allows_thinking(self.capability, on):
+            what = "cannot think" if self.capability == NEVER else "always thinks"
+            raise SettingsError(f"this model {what} (capability: {self.capability})")
+        self._thinking = on
+
+    @property
+    def budget(self) -> int | None:
+        return self._budget
+
+    @budget.setter
+    def budget(self, tokens: int | None) -> None:
+        self._budget = check_int("the thinking budget", tokens, 0, optional=True)
+
+    @property
+    def max_tokens(self) -> int:
+        return self._max_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, tokens: int) -> None:
+        self._max_tokens = check_int("max_tokens", tokens, 1)
+
     def sampling_for(self, thinking: bool) -> SamplingParams:
         """The sampling of a turn: fixed settings, else the mode's defaults plus overrides."""
         if self.sampling is not None:
             return self.sampling
         base = SamplingParams.for_mode(thinking)
-        mode = self.mode_sampling.get("thinking" if thinking else "non_thinking", {})
+        mode = self.mode_sampling.get(mode_name(thinking), {})
         try:
             return base.replace(**mode).replace(**self.sampling_overrides)
         except TypeError as e:
-            raise Qwen3ChatError(f"bad sampling setting: {e}") from None
+            raise SettingsError(f"bad sampling setting: {e}") from None
 
     @property
     def can_think(self) -> bool:
-        return self.capability != "never"
+        return self.capability != NEVER
 
-    def _thinking_for(self, text: str) -> bool:
-        if self.capability != "hybrid":
-            return self.capability == "always"
+    def thinking_for(self, text: str) -> bool:
+        """The mode a turn with this message runs in (soft switch, capability, budget 0)."""
+        if self.capability != HYBRID:
+            return self.capability == ALWAYS
         switch = soft_switch(text)
         if switch is not None:
             return switch
         return self.thinking and self.budget != 0  # a zero budget means non-thinking mode
+
+    # -- the conversation --------------------------------------------------------------
+    @property
+    def messages(self) -> tuple[dict[str, Any], ...]:
+        """A copy: change the conversation through the methods, which keep it consistent."""
+        return tuple(dict(m) for m in self._messages)
+
+    def load_messages(self, messages: Sequence[dict[str, Any]]) -> None:
+        """Replace the conversation (e.g. a saved one); each message is checked."""
+        checked = [check_message(m) for m in messages]
+        self.abort()
+        self._messages = checked
 
     def _conversation(self, messages: Sequence[dict]) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -130,7 +182,7 @@ class ChatSession:
 
     def render(self, thinking: bool, messages: Sequence[dict] | None = None) -> list[int]:
         """Token ids of the conversation plus the assistant header for the next reply."""
-        conv = self._conversation(self.messages if messages is None else messages)
+        conv = self._conversation(self._messages if messages is None else messages)
         text = self.tokenizer.apply_chat_template(
             conv, add_generation_prompt=True, enable_thinking=thinking
         )
@@ -138,9 +190,7 @@ class ChatSession:
 
     @property
     def context_used(self) -> int:
-        if not self.messages and not self.system:
-            return 0
-        conv = self._conversation(self.messages)
+        conv = self._conversation(self._messages)
         if not conv:
             return 0
         text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
@@ -149,42 +199,71 @@ class ChatSession:
     # -- turns -------------------------------------------------------------------------
     def send(self, text: str) -> Iterator[Event]:
         """Add a user message and stream the reply."""
+        check_text("the message", text)
         self.abort()  # a reply abandoned half-way is kept as interrupted
-        self.messages.append({"role": "user", "content": text})
-        return self._respond(self._thinking_for(text))
+        self._messages.append({"role": "user", "content": text})
+        return self._start(Turn(added_user=True))
 
     def retry(self) -> Iterator[Event]:
         """Drop the last reply (if any) and answer the last user message again."""
         self.abort()
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if not self.messages:
+        if not self._messages:
             raise Qwen3ChatError("nothing to retry yet")
-        return self._respond(self._thinking_for(self.messages[-1]["content"]))
+        replaced = self._messages.pop() if self._messages[-1]["role"] == "assistant" else None
+        if not self._messages:  # a conversation that starts with a reply: nothing to ask
+            self._messages.append(replaced)
+            raise Qwen3ChatError("nothing to retry yet")
+        return self._start(Turn(added_user=False, replaced=replaced))
 
     def undo(self) -> bool:
         """Remove the last exchange (reply and question); False when there is none."""
         self.abort()
-        if not self.messages:
+        if not self._messages:
             return False
-        if self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
+        if self._messages[-1]["role"] == "assistant":
+            self._messages.pop()
+        if self._messages and self._messages[-1]["role"] == "user":
+            self._messages.pop()
         return True
 
     def clear(self) -> None:
+        """Start afresh (the settings and the system prompt stay)."""
         self.abort()
-        self.messages.clear()
+        self._messages.clear()
+
+    def abort(self) -> None:
+        """After a reply was cut off (Ctrl-C, the stream closed): keep what was said,
+        marked interrupted; a reply stopped before its first word is undone instead, so
+        the conversation is as before the send() or retry(). Safe to call any time."""
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        prefilled = self._cache.interrupted(turn.ids) if turn.ids else turn.reused
+        reasoning, answer = turn.text()
+        self.last_stats = turn.interrupted_stats(self.tokenizer, prefilled)
+        if not (reasoning or answer):
+            self._cancel(turn)
+            return
+        msg: dict[str, Any] = {"role": "assistant", "content": answer}
+        if reasoning:
+            msg["reasoning_content"] = reasoning
+        msg["interrupted"] = True
+        self._messages.append(msg)
+
+    def _cancel(self, turn: Turn) -> None:
+        """Undo what starting `turn` changed: its question, or the reply it replaced."""
+        if turn.added_user and self._messages and self._messages[-1]["role"] == "user":
+            self._messages.pop()
+        if turn.replaced is not None:
+            self._messages.append(turn.replaced)
 
     def _fit_context(self, thinking: bool) -> tuple[list[int], int]:
         """Render, dropping the oldest exchanges while the prompt leaves too little room.
 
         A message too long even on its own is rejected before any history is dropped.
         """
-        alone = self.render(thinking, self.messages[-1:])
+        alone = self.render(thinking, self._messages[-1:])
         if len(alone) >= self.context_length:
-            self.messages.pop()
             raise Qwen3ChatError(
                 f"the prompt is {len(alone)} tokens, longer than the model's context "
                 f"of {self.context_length}"
@@ -200,98 +279,71 @@ class ChatSession:
         return ids, dropped
 
     def _drop_oldest_turn(self) -> bool:
-        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        users = [i for i, m in enumerate(self._messages) if m["role"] == "user"]
         if len(users) < 2:
             return False
-        del self.messages[: users[1]]
+        del self._messages[: users[1]]
         return True
 
-    def _reuse_cache(self, ids: list[int]) -> int:
-        """Trim the cache back to where `ids` diverges from it; returns tokens reused."""
-        if self._cache is None:
-            self._cache, self._cache_ids = self.model.make_cache(), []
-        keep = min(common_prefix(self._cache_ids, ids), len(ids) - 1)
-        for c in self._cache:
-            c.trim(c.offset - keep)
-        self._cache_ids = ids[:keep]
-        return keep
+    def _start(self, turn: Turn) -> Iterator[Event]:
+        # The turn is in flight from now, not from the first next(): a stream never read
+        # is abandoned like one cut off, and abort() undoes it.
+        self._turn = turn
+        return self._respond(turn)
 
-    def _respond(self, thinking: bool) -> Iterator[Event]:
+    def _respond(self, turn: Turn) -> Iterator[Event]:
+        try:
+            yield from self._generate(turn)
+        except Qwen3ChatError:
+            if turn.ids:
+                self.abort()
+            else:  # rejected before anything ran: as if never asked, last_stats unchanged
+                self._turn = None
+                self._cancel(turn)
+            raise
+
+    def _generate(self, turn: Turn) -> Iterator[Event]:
+        thinking = self.thinking_for(self._messages[-1]["content"])
         ids, dropped = self._fit_context(thinking)
+        turn.reused = self._cache.prepare(ids)
+        turn.ids = ids
         if dropped:
             yield ContextTrimmed(dropped, len(ids), self.context_length)
-        reused = self._reuse_cache(ids)
-        self._pending = {
-            "ids": ids, "reused": reused, "reasoning": [], "answer": [],
-            "start": time.perf_counter(), "budget_hit": False,
-        }  # fmt: skip
-        sampling = self.sampling_for(thinking)
+        tok = self.tokenizer
         for ev in stream_generate(
             self.model,
-            self.tokenizer,
-            ids[reused:],
-            cache=self._cache,
-            sampling=sampling,
+            tok,
+            ids[turn.reused :],
+            cache=self._cache.layers,
+            sampling=self.sampling_for(thinking),
             max_tokens=self.max_tokens,
             thinking_budget=self.budget if thinking else None,
             prompt_tokens=len(ids),
             context_length=self.context_length,
+            # From the whole prompt: with a prompt cache, a <think> the template opened
+            # (Thinking-2507) may be in the cached part that is never decoded again.
+            in_think=ThinkPhase.ends_inside(ids, tok.think_start_id, tok.think_end_id),
         ):
             if isinstance(ev, ThinkingDone):
-                self._pending["budget_hit"] = ev.budget_hit
+                turn.budget_hit = ev.budget_hit
             elif isinstance(ev, ReasoningText):
-                self._pending["reasoning"].append(ev.text)
+                turn.reasoning.append(ev.text)
             elif isinstance(ev, AnswerText):
-                self._pending["answer"].append(ev.text)
+                turn.answer.append(ev.text)
             elif isinstance(ev, Finished):
-                self._finish(ids, ev)
+                self._finish(turn, ev)
             yield ev
 
-    def _finish(self, ids: list[int], ev: Finished) -> None:
+    def _finish(self, turn: Turn, ev: Finished) -> None:
         msg: dict[str, Any] = {"role": "assistant", "content": ev.answer}
         if ev.reasoning:
             msg["reasoning_content"] = ev.reasoning
-        if ev.stats.finish_reason == "length":
+        if ev.stats.finish_reason in ("length", "context"):
             msg["truncated"] = True
-        self.messages.append(msg)
-        offset = min(c.offset for c in self._cache)
-        self._cache_ids = (ids + list(ev.token_ids))[:offset]
+        self._messages.append(msg)
+        self._cache.finished(turn.ids, ev.token_ids)
         self.last_stats = ev.stats
-        self._pending = None
-
-    def abort(self) -> None:
-        """After an interrupted reply: keep what was said, marked, and resync the cache."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        reasoning = "".join(pending["reasoning"]).strip()
-        msg: dict[str, Any] = {"role": "assistant", "content": "".join(pending["answer"]).strip()}
-        if reasoning:
-            msg["reasoning_content"] = reasoning
-        msg["interrupted"] = True
-        self.messages.append(msg)
-        self.last_stats = self._interrupted_stats(pending, reasoning, msg["content"])
-        # Which generated tokens reached the cache is unknown: keep only the prompt part.
-        keep = min([len(pending["ids"]), *(c.offset for c in self._cache)])
-        for c in self._cache:
-            c.trim(c.offset - keep)
-        self._cache_ids = pending["ids"][:keep]
-
-    def _interrupted_stats(
-        self, pending: dict[str, Any], reasoning: str, answer: str
-    ) -> GenerationStats:
-        """Stats for a reply cut short; token counts re-encoded from the text shown."""
-        total = time.perf_counter() - pending["start"]
-        return GenerationStats(
-            prompt_tokens=len(pending["ids"]),
-            prefill_tokens=len(pending["ids"]) - pending["reused"],
-            reasoning_tokens=len(self.tokenizer.encode(reasoning)) if reasoning else 0,
-            answer_tokens=len(self.tokenizer.encode(answer)) if answer else 0,
-            prefill_tps=0.0, decode_tps=0.0, ttft_s=0.0, total_s=total,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            finish_reason="interrupted",
-            budget_hit=pending["budget_hit"],
-        )  # fmt: skip
+        self._turn = None
 
     # -- persistence -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -307,38 +359,32 @@ class ChatSession:
             "context_length": self._context_arg,
             "sampling_overrides": dict(self.sampling_overrides),
             "mode_sampling": {k: dict(v) for k, v in self.mode_sampling.items()},
-            "messages": [dict(m) for m in self.messages],
+            "messages": [dict(m) for m in self._messages],
         }
 
     @classmethod
     def from_dict(cls, model, tokenizer, d: dict[str, Any], **overrides) -> ChatSession:
+        """A saved conversation; anything malformed is one Qwen3ChatError naming it."""
         try:
             if d.get("version") != SAVE_VERSION:
-                raise ValueError(f"unknown save version {d.get('version')!r}")
-            messages = d["messages"]
-            for m in messages:
-                if (
-                    m.get("role") not in ("user", "assistant")
-                    or not isinstance(m.get("content"), str)
-                    or not isinstance(m.get("reasoning_content", ""), str)
-                ):
-                    raise ValueError(f"bad message {str(m)[:60]!r}")
+                raise SettingsError(f"unknown save version {d.get('version')!r}")
             sampling = SamplingParams(**d["sampling"]) if d.get("sampling") else None
             kwargs = dict(
                 system=d.get("system"),
-                thinking=bool(d.get("thinking", True)),
+                thinking=d.get("thinking", True),
                 budget=d.get("budget"),
-                max_tokens=int(d.get("max_tokens", DEFAULT_MAX_TOKENS)),
+                max_tokens=d.get("max_tokens", DEFAULT_MAX_TOKENS),
                 sampling=sampling,
-                capability=d.get("capability", "hybrid"),
+                capability=d.get("capability", HYBRID),
                 context_length=d.get("context_length"),
                 sampling_overrides=dict(d.get("sampling_overrides") or {}),
                 mode_sampling={k: dict(v) for k, v in (d.get("mode_sampling") or {}).items()},
             )
-            _check_settings(kwargs)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            messages = d["messages"]
+            if not isinstance(messages, list):
+                raise SettingsError("messages must be a list")
+            session = cls(model, tokenizer, **{**kwargs, **overrides})
+            session.load_messages(messages)
+        except (KeyError, TypeError, ValueError, AttributeError, SettingsError) as e:
             raise Qwen3ChatError(f"not a saved qwen3-chat conversation: {e}") from None
-        kwargs.update(overrides)
-        session = cls(model, tokenizer, **kwargs)
-        session.messages = [dict(m) for m in messages]
         return session

@@ -3,6 +3,9 @@
 Qwen's recipe: once the budget is spent, stop thinking and feed a closing sentence plus
 `</think>` so the model answers from what it has. We add a short grace window so the cut
 lands at the end of a line (or at least between words), never mid-word.
+
+The budget does not track the phase: the caller's `ThinkPhase` decides which tokens are
+reasoning and hands only those over.
 """
 
 from __future__ import annotations
@@ -22,40 +25,22 @@ WORD_TAIL = 8
 class ThinkingBudget:
     """Counts every reasoning token of the turn (all think blocks) and forces the close.
 
-    `on_token(id, text)` is called for each sampled token; it returns None to keep it, or
-    the token ids to feed instead (the kept token, if any, then the closing). Reasoning
-    never exceeds `budget + grace` of the model's own tokens: within the grace window the
-    cut comes after the first token holding a newline, or, near the window's end, before
-    a token that starts a new word; at the window's end it comes regardless.
+    `on_reasoning_token(id, text)` is called for each sampled reasoning token; it returns
+    None to keep it, or the token ids to feed instead (the kept token, if any, then the
+    closing). Reasoning never exceeds `budget + grace` of the model's own tokens: within
+    the grace window the cut comes after the first token holding a newline, or, near the
+    window's end, before a token that starts a new word; at the window's end it comes
+    regardless.
     """
 
-    def __init__(
-        self,
-        budget: int,
-        closing_ids: Sequence[int],
-        think_start_id: int | None,
-        think_end_id: int | None,
-        grace: int = DEFAULT_GRACE,
-        in_reasoning: bool = False,
-    ):
+    def __init__(self, budget: int, closing_ids: Sequence[int], grace: int = DEFAULT_GRACE):
         self.budget = max(0, budget)
         self.grace = max(0, grace)
         self.closing_ids = list(closing_ids)
-        self.think_start_id, self.think_end_id = think_start_id, think_end_id
-        self.in_reasoning = in_reasoning
         self.used = 0  # the model's own reasoning tokens kept so far
         self.hit = False
 
-    def on_token(self, token: int, text: str) -> list[int] | None:
-        # Markers switch the phase; a repeated one is an ordinary (counted) token.
-        if token == self.think_start_id and not self.in_reasoning:
-            self.in_reasoning = True
-            return None
-        if token == self.think_end_id and self.in_reasoning:
-            self.in_reasoning = False
-            return None
-        if not self.in_reasoning:
-            return None
+    def on_reasoning_token(self, token: int, text: str) -> list[int] | None:
         over = self.used + 1 - self.budget  # >0: this token is past the budget
         if over <= 0:
             self.used += 1
@@ -71,7 +56,6 @@ class ThinkingBudget:
 
     def _close(self, keep: int | None) -> list[int]:
         self.hit = True
-        self.in_reasoning = False
         if keep is None:
             return list(self.closing_ids)
         self.used += 1

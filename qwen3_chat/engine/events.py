@@ -6,6 +6,11 @@ The token layer yields ids; the event layer turns them into these; the UI render
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Why a reply ended: an end-of-turn token, max_tokens answer tokens, the context was full,
+# or the user stopped it (set by ChatSession, whose stream was cut off).
+FinishReason = Literal["stop", "length", "context", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class GenerationStats:
     ttft_s: float
     total_s: float
     peak_memory_gb: float
-    finish_reason: str  # "stop" | "length" | "interrupted"
+    finish_reason: FinishReason
     budget_hit: bool
 
 

@@ -7,20 +7,23 @@ GPU (or CPU) works while Python handles the previous token.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from qwen3_chat.engine.budget import CLOSING_TEXT, DEFAULT_GRACE, ThinkingBudget
+from qwen3_chat.engine.defaults import DEFAULT_MAX_TOKENS
 from qwen3_chat.engine.events import (
     AnswerText,
     Event,
     Finished,
+    FinishReason,
     GenerationStats,
     ReasoningText,
     ThinkingDone,
 )
+from qwen3_chat.engine.phase import Kind, ThinkPhase
 from qwen3_chat.engine.sampling import (
     LogitsProcessor,
     SamplingParams,
@@ -28,11 +31,14 @@ from qwen3_chat.engine.sampling import (
     make_logits_processors,
     make_sampler,
 )
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.errors import Qwen3ChatError, SettingsError
 from qwen3_chat.models.cache import KVCache
 
-DEFAULT_MAX_TOKENS = 8192
+__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_PREFILL_STEP", "prefill", "stream_generate"]
 
+# Ctrl-C reaches Python only between evaluations, so a chunk's compute time is how long an
+# interrupt waits. 512 keeps that short at no measurable cost in prefill speed.
+DEFAULT_PREFILL_STEP = 512
 
 _stream: mx.Stream | None = None
 
@@ -45,14 +51,38 @@ def generation_stream() -> mx.Stream:
     return _stream
 
 
-def prefill(model, ids: Sequence[int], cache: list[KVCache], step: int = 2048) -> mx.array:
-    """Run `ids` through the model in chunks; returns the next-token logits [1, V]."""
+def cache_offset(cache: Sequence[KVCache]) -> int:
+    """Tokens every layer holds (layers can differ after an interrupt mid-forward)."""
+    return min((c.offset for c in cache), default=0)
+
+
+def rewind(cache: Sequence[KVCache], offset: int) -> None:
+    """Forget everything past `offset` in every layer."""
+    for c in cache:
+        c.trim(c.offset - offset)
+
+
+def prefill(
+    model, ids: Sequence[int], cache: list[KVCache], step: int = DEFAULT_PREFILL_STEP
+) -> mx.array:
+    """Run `ids` through the model in chunks; returns the next-token logits [1, V].
+
+    Each chunk but the last is evaluated before the next is queued, so an interrupt lands
+    between chunks; the cache is then rewound to the last whole chunk, so its offset says
+    exactly how much of the prompt was prefilled.
+    """
     ids = list(ids)
-    for start in range(0, len(ids) - step, step):
-        model(mx.array([ids[start : start + step]], dtype=mx.int32), cache=cache, last_only=True)
-        mx.eval([c.state for c in cache])
-    tail = ids[(max(len(ids) - 1, 0) // step) * step :]
-    return model(mx.array([tail], dtype=mx.int32), cache=cache, last_only=True)[:, -1, :]
+    chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+    done = cache_offset(cache)
+    try:
+        for chunk in chunks[:-1]:
+            model(mx.array([chunk], dtype=mx.int32), cache=cache, last_only=True)
+            mx.eval([c.state for c in cache])
+            done += len(chunk)
+        return model(mx.array([chunks[-1]], dtype=mx.int32), cache=cache, last_only=True)[:, -1]
+    except BaseException:
+        rewind(cache, done)
+        raise
 
 
 def decode_one_token(model, tokens: Sequence[int] | mx.array, cache: list[KVCache]) -> mx.array:
@@ -70,17 +100,21 @@ class TokenStream:
     prefill_tokens: int = 0
 
 
+# override(token) -> None to keep a sampled token, or the ids to feed in its place.
+Override = Callable[[int], "list[int] | None"]
+
+
 def generate_tokens(
     model,
     prompt_ids: Sequence[int],
     cache: list[KVCache],
     sampler,
     processors: Sequence[LogitsProcessor],
-    override=None,
-    prefill_step: int = 2048,
+    override: Override | None = None,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
     timing: TokenStream | None = None,
 ) -> Iterator[tuple[int, bool]]:
-    """Yield (token id, forced) pairs. `override(id) -> ids | None` may replace a token."""
+    """The token layer: yield (token id, forced) pairs, endlessly; the caller stops it."""
     timing = timing or TokenStream()
     # Generated tokens so far, kept as a lazy array: the step for token n+1 is queued
     # before token n is read back, and its penalties must already include token n.
@@ -113,8 +147,7 @@ def generate_tokens(
             y = next_y
             continue
         # Replace the token: undo the speculative step and feed the forced run instead.
-        for c in cache:
-            c.trim(1)
+        rewind(cache, cache_offset(cache) - 1)
         if processors:
             history = history[:-1]
         for t in forced:
@@ -123,16 +156,57 @@ def generate_tokens(
         mx.async_eval(y)
 
 
-def _initial_reasoning(prompt_ids: Sequence[int], start_id: int | None, end_id: int | None) -> bool:
-    """True when the prompt ends inside an open <think> (Thinking-2507 templates do this)."""
-    if start_id is None:
-        return False
-    for t in reversed(prompt_ids):
-        if t == end_id:
-            return False
-        if t == start_id:
-            return True
-    return False
+@dataclass
+class TurnText:
+    """The event layer: token ids in, text events out, split by the one phase tracker."""
+
+    tokenizer: object
+    phase: ThinkPhase
+    counts: dict[Kind, int] = field(default_factory=lambda: {Kind.REASONING: 0, Kind.ANSWER: 0})
+    texts: dict[Kind, list[str]] = field(
+        default_factory=lambda: {Kind.REASONING: [], Kind.ANSWER: []}
+    )
+    think_started: float | None = None
+    thinking_done: bool = False
+
+    def __post_init__(self) -> None:
+        self.detok = self.tokenizer.detokenizer()
+
+    def _emit(self, text: str, kind: Kind) -> Event | None:
+        if not self.texts[kind]:
+            text = text.lstrip("\n")  # the template puts newlines after <think> / </think>
+        if not text:
+            return None
+        self.texts[kind].append(text)
+        return ReasoningText(text) if kind is Kind.REASONING else AnswerText(text)
+
+    def on_token(self, token: int, budget_hit: bool, first_token: float) -> Iterator[Event]:
+        kind = self.phase.feed(token)
+        if kind in (Kind.OPEN, Kind.CLOSE):
+            before = Kind.ANSWER if kind is Kind.OPEN else Kind.REASONING
+            if (ev := self._emit(self.detok.flush(), before)) is not None:
+                yield ev
+            if kind is Kind.OPEN:
+                self.think_started = self.think_started or time.perf_counter()
+            elif not self.thinking_done:  # one ThinkingDone per turn, at the first close
+                self.thinking_done = True
+                began = self.think_started or first_token
+                n = self.counts[Kind.REASONING]
+                yield ThinkingDone(n, time.perf_counter() - began, budget_hit)
+            return
+        # A stray marker (</think> in the answer, <think> inside a think block) is no
+        # text, but it counts, so a model looping on one still stops.
+        self.counts[kind] += 1
+        if not self.phase.is_marker(token):
+            if (ev := self._emit(self.detok.add(token), kind)) is not None:
+                yield ev
+
+    def flush(self) -> Event | None:
+        kind = Kind.REASONING if self.phase.inside else Kind.ANSWER
+        return self._emit(self.detok.flush(), kind)
+
+    def text(self, kind: Kind) -> str:
+        return "".join(self.texts[kind]).strip()
 
 
 def _check_request(
@@ -143,8 +217,18 @@ def _check_request(
     max_tokens: int,
     thinking_budget: int | None,
     grace: int,
+    prefill_step: int,
 ) -> None:
     """Reject bad requests with a named problem instead of an error from inside MLX."""
+    for name, value, low in (("max_tokens", max_tokens, 1), ("grace", grace, 0),
+                             ("prefill_step", prefill_step, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SettingsError(f"{name} must be an integer >= {low}, not {value!r}")
+    if thinking_budget is not None and (
+        isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)
+        or thinking_budget < 0
+    ):  # fmt: skip
+        raise SettingsError(f"the thinking budget must be an integer >= 0, not {thinking_budget!r}")
     if not prompt_ids:
         raise Qwen3ChatError("the prompt is empty: at least one new token is needed")
     vocab = getattr(model.config, "vocab_size", None)
@@ -156,12 +240,6 @@ def _check_request(
             f"the prompt is {held + len(prompt_ids)} tokens, longer than the model's context "
             f"of {context}"
         )
-    if max_tokens < 1:
-        raise Qwen3ChatError(f"max_tokens must be at least 1, not {max_tokens}")
-    if thinking_budget is not None and thinking_budget < 0:
-        raise Qwen3ChatError(f"the thinking budget must be >= 0, not {thinking_budget}")
-    if grace < 0:
-        raise Qwen3ChatError(f"the grace window must be >= 0, not {grace}")
 
 
 def stream_generate(
@@ -174,100 +252,94 @@ def stream_generate(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     thinking_budget: int | None = None,
     grace: int = DEFAULT_GRACE,
-    prefill_step: int = 2048,
+    prefill_step: int = DEFAULT_PREFILL_STEP,
     prompt_tokens: int | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     context_length: int | None = None,
+    in_think: bool | None = None,
 ) -> Iterator[Event]:
     """Generate a reply to `prompt_ids`, yielding reasoning/answer text and a final Finished.
 
-    `max_tokens` bounds the answer tokens after thinking; reasoning is bounded by
-    `thinking_budget` (plus grace and the forced closing), or only by the context when it
-    is None. With `cache`, `prompt_ids` are only the tokens not yet in it and
-    `prompt_tokens` the whole prompt's length (for stats). `context_length` defaults to
-    the model's max_position_embeddings; generation stops ("length") when it is full.
+    `max_tokens` bounds the answer tokens after thinking ("length"); reasoning is bounded
+    by `thinking_budget` (plus grace and the forced closing), or only by the context
+    ("context") when it is None. With `cache`, `prompt_ids` are only the tokens not yet in
+    it, `prompt_tokens` the whole prompt's length (for stats), and `in_think` whether the
+    whole prompt ends inside an open <think> (None: judged from `prompt_ids`, which only
+    works when the cached part cannot matter). `context_length` defaults to the model's
+    max_position_embeddings.
     """
     prompt_ids = list(prompt_ids)
     cache = cache if cache is not None else model.make_cache()
-    held = min((c.offset for c in cache), default=0)  # tokens already in the cache
+    held = cache_offset(cache)  # tokens already in the cache
     context = context_length or getattr(model.config, "max_position_embeddings", None)
-    _check_request(model, prompt_ids, held, context, max_tokens, thinking_budget, grace)
+    _check_request(model, prompt_ids, held, context, max_tokens, thinking_budget, grace,
+                   prefill_step)  # fmt: skip
     sampling = sampling or SamplingParams.for_mode(True)
     start_id, end_id = tokenizer.think_start_id, tokenizer.think_end_id
-    reasoning = _initial_reasoning(prompt_ids, start_id, end_id)
+    if in_think is None:
+        in_think = ThinkPhase.ends_inside(prompt_ids, start_id, end_id)
+    phase = ThinkPhase(start_id, end_id, in_think)
     budget = None
     if thinking_budget is not None and end_id is not None:
-        closing = tokenizer.encode(CLOSING_TEXT)
-        budget = ThinkingBudget(thinking_budget, closing, start_id, end_id, grace, reasoning)
-    override = (lambda t: budget.on_token(t, tokenizer.decode([t]))) if budget else None
-    processors = [*make_logits_processors(sampling), *logits_processors]
+        budget = ThinkingBudget(thinking_budget, tokenizer.encode(CLOSING_TEXT), grace)
+
+    def override(token: int) -> list[int] | None:
+        # Only the model's own reasoning tokens spend the budget; the phase says which.
+        if budget is None or phase.peek(token) is not Kind.REASONING:
+            return None
+        return budget.on_reasoning_token(token, tokenizer.decode([token]))
+
     timing = TokenStream()
     mx.reset_peak_memory()
     tokens = generate_tokens(
-        model, prompt_ids, cache, make_sampler(sampling), processors, override,
-        prefill_step, timing,
+        model, prompt_ids, cache, make_sampler(sampling),
+        [*make_logits_processors(sampling), *logits_processors], override, prefill_step, timing,
     )  # fmt: skip
-
-    detok = tokenizer.detokenizer()
-    texts: dict[bool, list[str]] = {True: [], False: []}  # reasoning / answer pieces
-    counts = {True: 0, False: 0}
+    text = TurnText(tokenizer, phase)
     generated: list[int] = []
-    think_started: float | None = None
-    thinking_done = False
-    finish = "length"
     room = context - held - len(prompt_ids) if context else None  # tokens left to generate
-
-    def emit(text: str, is_reasoning: bool):
-        if not text:
-            return None
-        if not texts[is_reasoning]:
-            text = text.lstrip("\n")  # the template puts newlines after <think> / </think>
-            if not text:
-                return None
-        texts[is_reasoning].append(text)
-        return ReasoningText(text) if is_reasoning else AnswerText(text)
-
+    finish: FinishReason | None = None
     try:
         for token, _forced in tokens:
             generated.append(token)
             if token in tokenizer.eos_ids:
                 finish = "stop"
                 break
-            if token == start_id and not reasoning:
-                if (ev := emit(detok.flush(), reasoning)) is not None:
-                    yield ev
-                reasoning, think_started = True, think_started or time.perf_counter()
-            elif token == end_id and reasoning:
-                if (ev := emit(detok.flush(), True)) is not None:
-                    yield ev
-                reasoning = False
-                if not thinking_done:  # one ThinkingDone per turn, at the first close
-                    thinking_done = True
-                    began = think_started or timing.first_token
-                    hit = bool(budget and budget.hit)
-                    yield ThinkingDone(counts[True], time.perf_counter() - began, hit)
-            else:
-                # A stray marker (</think> in the answer, <think> inside a think block)
-                # is no text, but it counts, so a model looping on one still stops.
-                counts[reasoning] += 1
-                if token not in (start_id, end_id):
-                    if (ev := emit(detok.add(token), reasoning)) is not None:
-                        yield ev
-            if counts[False] >= max_tokens or (room is not None and len(generated) >= room):
+            yield from text.on_token(token, bool(budget and budget.hit), timing.first_token)
+            if text.counts[Kind.ANSWER] >= max_tokens:
+                finish = "length"
+            elif room is not None and len(generated) >= room:
+                finish = "context"
+            if finish:
                 break
     finally:
         tokens.close()
-    if (ev := emit(detok.flush(), reasoning)) is not None:
+    if (ev := text.flush()) is not None:
         yield ev
+    yield Finished(
+        _stats(timing, generated, text, budget, finish or "stop",
+               prompt_tokens if prompt_tokens is not None else held + len(prompt_ids)),
+        text.text(Kind.REASONING), text.text(Kind.ANSWER), tuple(generated),
+    )  # fmt: skip
+
+
+def _stats(
+    timing: TokenStream,
+    generated: list[int],
+    text: TurnText,
+    budget: ThinkingBudget | None,
+    finish: FinishReason,
+    prompt_tokens: int,
+) -> GenerationStats:
     end = time.perf_counter()
     first = timing.first_token or end
     prefill_s = max(first - timing.start, 1e-9)
     n = len(generated)
-    stats = GenerationStats(
-        prompt_tokens=prompt_tokens if prompt_tokens is not None else held + len(prompt_ids),
+    return GenerationStats(
+        prompt_tokens=prompt_tokens,
         prefill_tokens=timing.prefill_tokens,
-        reasoning_tokens=counts[True],
-        answer_tokens=counts[False],
+        reasoning_tokens=text.counts[Kind.REASONING],
+        answer_tokens=text.counts[Kind.ANSWER],
         prefill_tps=timing.prefill_tokens / prefill_s,
         decode_tps=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
         ttft_s=prefill_s,
@@ -276,5 +348,3 @@ def stream_generate(
         finish_reason=finish,
         budget_hit=bool(budget and budget.hit),
     )
-    yield Finished(stats, "".join(texts[True]).strip(), "".join(texts[False]).strip(),
-                   tuple(generated))  # fmt: skip

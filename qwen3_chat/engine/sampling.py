@@ -7,18 +7,24 @@ from dataclasses import asdict, dataclass, replace
 
 import mlx.core as mx
 
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.engine.defaults import QWEN_SAMPLING, THINKING, mode_name
+from qwen3_chat.errors import SettingsError
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+_QWEN = QWEN_SAMPLING[THINKING]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    min_p: float = 0.0
+    """Defaults: Qwen's thinking-mode settings (see `for_mode` for either mode)."""
+
+    temperature: float = _QWEN["temperature"]
+    top_p: float = _QWEN["top_p"]
+    top_k: int = int(_QWEN["top_k"])
+    min_p: float = _QWEN["min_p"]
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
@@ -34,14 +40,12 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise Qwen3ChatError(f"bad sampling setting: {message}")
+                raise SettingsError(f"bad sampling setting: {message}")
 
     @classmethod
     def for_mode(cls, thinking: bool) -> SamplingParams:
-        """Qwen's recommended settings: thinking 0.6/0.95/20/0, non-thinking 0.7/0.8/20/0."""
-        if thinking:
-            return cls(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
-        return cls(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+        """Qwen's recommended settings for the mode (`defaults.QWEN_SAMPLING`)."""
+        return cls(**QWEN_SAMPLING[mode_name(thinking)])
 
     def replace(self, **changes) -> SamplingParams:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

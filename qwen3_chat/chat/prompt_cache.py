@@ -1,0 +1,56 @@
+"""The KV cache a conversation keeps across turns, and the token ids it holds.
+
+Every reuse decision of ChatSession is made here: how far a new prompt can reuse the
+cache, and what the cache holds after a reply finished or was cut off. A model whose
+cache cannot be trimmed (recurrent layers) needs only another way to rewind here
+(snapshots at turn boundaries), not changes across the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qwen3_chat.engine.generate import cache_offset, rewind
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PromptCache:
+    def __init__(self, make_cache: Callable[[], list[Any]]):
+        self._make_cache = make_cache
+        self.layers: list[Any] | None = None  # created on first use
+        self.ids: list[int] = []  # the token ids whose keys/values the layers hold
+
+    def prepare(self, ids: Sequence[int]) -> int:
+        """Rewind to where `ids` diverges from what is held; returns the tokens reused.
+
+        At least the last token of `ids` is always left to feed: its logits start the reply.
+        """
+        if self.layers is None:
+            self.layers, self.ids = self._make_cache(), []
+        keep = min(common_prefix(self.ids, ids), len(ids) - 1)
+        rewind(self.layers, keep)
+        self.ids = list(ids[:keep])
+        return keep
+
+    def finished(self, prompt: Sequence[int], generated: Sequence[int]) -> None:
+        """After a complete reply the layers hold the prompt and every token fed back."""
+        held = cache_offset(self.layers or [])
+        self.ids = [*prompt, *generated][:held]
+
+    def interrupted(self, prompt: Sequence[int]) -> int:
+        """After a reply cut off: which generated tokens reached the layers is unknown, so
+        keep only the part of the prompt surely there; returns how much that is."""
+        if self.layers is None:
+            return 0
+        keep = min(len(prompt), cache_offset(self.layers))
+        rewind(self.layers, keep)
+        self.ids = list(prompt[:keep])
+        return keep

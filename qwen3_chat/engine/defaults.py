@@ -1,0 +1,33 @@
+"""Qwen's recommended defaults and the thinking capabilities: the one place each is stated.
+
+MLX-free, so the registry, the CLI's help text and servers read them without loading MLX.
+"""
+
+from __future__ import annotations
+
+# What a model's chat template allows: "hybrid" (Qwen3: /think and /no_think switch),
+# "always" (Thinking-2507: the template always opens <think>), "never" (Instruct-2507).
+HYBRID, ALWAYS, NEVER = "hybrid", "always", "never"
+CAPABILITIES = (HYBRID, ALWAYS, NEVER)
+
+# The two modes a turn can run in, as models.toml and saved conversations name them.
+THINKING, NON_THINKING = "thinking", "non_thinking"
+MODES = (THINKING, NON_THINKING)
+
+# Qwen's model cards: sampling, not greedy decoding (greedy makes Qwen3 repeat itself).
+QWEN_SAMPLING: dict[str, dict[str, float]] = {
+    THINKING: {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    NON_THINKING: {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
+}
+
+DEFAULT_MAX_TOKENS = 8192  # answer tokens after the reasoning
+DEFAULT_BUDGET = 4096  # reasoning tokens before the answer is forced (the CLI's default)
+
+
+def mode_name(thinking: bool) -> str:
+    return THINKING if thinking else NON_THINKING
+
+
+def allows_thinking(capability: str, thinking: bool) -> bool:
+    """Whether a model of `capability` can run a turn in that mode."""
+    return capability == HYBRID or (capability == ALWAYS) == thinking
