@@ -90,6 +90,8 @@ class Model(qwen3.Model):
 
     load_notes: list[str]
     mtp_weights: dict[str, mx.array]
+    # The decay's log: exp() of it in bf16 would lose the slow decays (mlx-lm keeps it too).
+    float32_params = ("A_log",)
 
     def __init__(self, config: HybridConfig):
         nn.Module.__init__(self)  # not Qwen3's __init__: it would build a Qwen3 stack

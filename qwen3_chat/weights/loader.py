@@ -186,9 +186,13 @@ def load_model(
     if config.quantization:
         apply_quantization_config(model, config.quantization, weights)
     _validate(model, weights, origin)
+    # Some parameters must stay float32 whatever the compute dtype (the hybrid's A_log).
+    keep = getattr(model, "float32_params", ())
     model.load_weights(
         [
-            (k, v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+            (k, v.astype(mx.float32 if k.endswith(keep) else compute_dtype))
+            if mx.issubdtype(v.dtype, mx.floating)
+            else (k, v)
             for k, v in weights.items()
         ],
         strict=True,

@@ -16,8 +16,10 @@ from qwen3_chat.errors import ModelLoadError
 DEFAULT_GROUP_SIZE = 64
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-# The MoE router is tiny and routing is sensitive to its precision (mlx-lm keeps it at 8 bits).
+# The MoE router is tiny and routing is sensitive to its precision (mlx-lm keeps it at 8 bits);
+# so is the hybrid family's shared-expert gate (a sigmoid scale on the shared expert).
 ROUTER_PARAMS: dict[str, Any] = {"group_size": 64, "bits": 8}
+EIGHT_BIT_SUFFIXES = ("mlp.gate", "shared_expert_gate")
 # Only affine: our stacked-expert layer (moe.QuantizedSwitchLinear) stores scales and biases.
 SUPPORTED_MODES = ("affine",)
 GLOBAL_KEYS = ("group_size", "bits", "mode")
@@ -84,7 +86,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_
     def predicate(path: str, module: nn.Module) -> bool | dict:
         if not _quantizable(module, group_size):
             return False
-        if path.endswith("mlp.gate"):
+        if path.endswith(EIGHT_BIT_SUFFIXES):
             block[path] = dict(ROUTER_PARAMS)
             return dict(ROUTER_PARAMS)
         return True
