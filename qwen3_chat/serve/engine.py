@@ -62,6 +62,20 @@ class Plan:
     tools: list[dict] | None
 
 
+class _TrailingNewlines:
+    """Holds trailing newlines until more text follows: the newline before </think> or at
+    the end of the answer is template layout, so streamed text matches the final text."""
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def __call__(self, text: str) -> str:
+        text = self.held + text
+        body = text.rstrip("\n")
+        self.held = text[len(body) :]
+        return body
+
+
 @dataclass
 class Result:
     finish_reason: str
@@ -220,6 +234,7 @@ class ServeEngine:
         plan = job.plan
         cache, reused = self.cache.take(plan.ids)
         answer_filter = AnswerFilter(plan.stops, plan.tools)
+        trim_reasoning, trim_answer = _TrailingNewlines(), _TrailingNewlines()
         reasoning: list[str] = []
         answer: list[str] = []  # the text sent (stop strings already cut)
         finished: Finished | None = None
@@ -235,10 +250,11 @@ class ServeEngine:
                 if job.cancelled.is_set():
                     break
                 if isinstance(ev, ReasoningText):
-                    reasoning.append(ev.text)
-                    job.send("reasoning", ev.text)
+                    if text := trim_reasoning(ev.text):
+                        reasoning.append(text)
+                        job.send("reasoning", text)
                 elif isinstance(ev, AnswerText):
-                    if text := answer_filter.feed(ev.text):
+                    if text := trim_answer(answer_filter.feed(ev.text)):
                         answer.append(text)
                         job.send("content", text)
                     if answer_filter.stopped:
@@ -256,7 +272,7 @@ class ServeEngine:
             self._record(job, "cancelled", self._usage(plan, reused, reasoning, answer))
             return
         tail, calls = answer_filter.finish()
-        if tail:
+        if tail := trim_answer(tail):
             answer.append(tail)
             job.send("content", tail)
         if finished is not None and not answer_filter.stopped:

@@ -1,0 +1,141 @@
+"""Bad requests get the right status and an OpenAI-shaped error, and the server keeps serving.
+
+One real server (scripted model, subprocess) with an API key, a queue of one, a small
+body limit and a small context, so every limit is reachable with a small request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+from test_serve_support import Rule, request, scripted_cmd, start
+
+openai = pytest.importorskip("openai")
+
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 16384
+CONTEXT = 1024
+RULES = [Rule("", "Fine."), Rule("LONGANSWER", "word " * 900)]
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_tokenizer_dir):
+    srv = start(scripted_cmd(qwen3_tokenizer_dir, RULES, api_key=KEY, max_queue=1,
+                             max_body=MAX_BODY, context=CONTEXT))  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def body(**extra):
+    return {"model": "scripted", "messages": [{"role": "user", "content": "hi /no_think"}],
+            **extra}  # fmt: skip
+
+
+def still_serving(server) -> None:
+    status, data = request(server, "POST", "/v1/chat/completions", body(), AUTH)
+    assert status == 200, data
+    assert data["choices"][0]["message"]["content"] == "Fine."
+
+
+def assert_error(status: int, data, expected: int, param: str | None = None) -> dict:
+    assert status == expected, data
+    assert isinstance(data, dict) and set(data) == {"error"}, data
+    err = data["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize("payload, status, param", [
+    (b'{"model": "scripted", "messages": [', 400, None),  # malformed JSON
+    (b"\xff\xfe not utf-8", 400, None),
+    (b"[" * 5000 + b"]" * 5000, 400, None),  # nesting too deep for the parser
+    (b'["a list"]', 400, None),
+    (body(messages="hi"), 400, "messages"),  # wrong types
+    (body(temperature="warm"), 400, "temperature"),
+    (body(max_tokens="10"), 400, "max_tokens"),
+    (body(top_k=1.5), 400, "top_k"),
+    (body(messages=[]), 400, "messages"),  # empty messages
+    (body(messages=[{"role": "system", "content": "only a system prompt"}]), 400, "messages"),
+    (body(model="no-such-model"), 404, "model"),  # unknown model
+])  # fmt: skip
+def test_bad_requests_get_openai_errors(server, payload, status, param):
+    code, data = request(server, "POST", "/v1/chat/completions", payload, AUTH)
+    assert_error(code, data, status, param)
+    still_serving(server)
+
+
+def test_a_prompt_longer_than_the_context(server):
+    code, data = request(server, "POST", "/v1/chat/completions",
+                         body(messages=[{"role": "user", "content": "hello " * 1500}]), AUTH)
+    err = assert_error(code, data, 400, "messages")
+    assert err["code"] == "context_length_exceeded" and str(CONTEXT) in err["message"]
+    still_serving(server)
+
+
+def test_a_body_over_the_limit(server):
+    big = body(messages=[{"role": "user", "content": "x" * (MAX_BODY + 10)}])
+    code, data = request(server, "POST", "/v1/chat/completions", big, AUTH)
+    assert_error(code, data, 413)
+    # Chunked uploads (no Content-Length) are cut off at the limit too.
+    conn = http.client.HTTPConnection(*server.host_port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=iter([json.dumps(big).encode()]),
+                 headers={**AUTH, "Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    assert_error(resp.status, json.loads(resp.read()), 413)
+    conn.close()
+    still_serving(server)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": KEY}])  # fmt: skip
+def test_a_missing_or_wrong_key_is_refused(server, headers):
+    code, data = request(server, "POST", "/v1/chat/completions", body(), headers)
+    assert_error(code, data, 401)
+    code, data = request(server, "GET", "/v1/models", None, headers)
+    assert_error(code, data, 401)
+    still_serving(server)
+
+
+def test_the_official_client_sees_the_same_errors(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}])
+    good = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        good.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert good.models.list().data[0].id == "scripted"
+
+
+def test_unknown_routes_and_methods(server):
+    assert_error(*request(server, "GET", "/v2/everything", None, AUTH), 404)
+    assert_error(*request(server, "GET", "/v1/chat/completions", None, AUTH), 405)
+    still_serving(server)
+
+
+def test_a_full_queue_answers_429_and_frees_up(server):
+    conn = http.client.HTTPConnection(*server.host_port, timeout=60)
+    long = body(messages=[{"role": "user", "content": "LONGANSWER /no_think"}], stream=True)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(long),
+                 headers={**AUTH, "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while b'"content": "word' not in resp.readline():  # the long answer is being generated
+        pass
+    code, data = request(server, "POST", "/v1/chat/completions", body(), AUTH)
+    err = assert_error(code, data, 429)
+    assert err["type"] == "rate_limit_error"
+    conn.close()  # the client leaves: its generation is cancelled, the queue frees up
+    for _ in range(1000):  # until the server has seen the disconnect (no fixed sleep)
+        _, health = request(server, "GET", "/health")
+        if health["queue"]["running"] + health["queue"]["waiting"] == 0:
+            break
+    assert health["requests"]["rejected"] >= 1 and health["requests"]["cancelled"] >= 1
+    (dropped,) = [r for r in health["recent"] if r["finish_reason"] == "cancelled"]
+    assert dropped["completion_tokens"] < 900  # cut short, not run to the end
+    still_serving(server)
