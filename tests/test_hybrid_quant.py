@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from hybrid_checkpoints import ARCHS, make_hybrid
 
@@ -60,3 +61,30 @@ def test_recipe_keeps_gates_at_8_bits_and_conv_and_decay_in_float(folder):
     if arch != "qwen3_5":
         assert layer.mlp.gate.bits == 8 and layer.mlp.shared_expert_gate.bits == 8
         assert layer.mlp.switch_mlp.up_proj.bits == 4
+
+
+def test_mlx_community_style_folder_loads(folder, tmp_path):
+    """What mlx-lm writes (its names, conv layout, shifted norms) loads and decodes alike."""
+    arch, path = folder
+    theirs, config = mlx_lm_utils.load_model(path)
+    _, config = mlx_lm_utils.quantize_model(theirs, config, 64, 4)
+    out = tmp_path / "mlx"
+    mlx_lm_utils.save_model(out, theirs)
+    mlx_lm_utils.save_config(config, out / "config.json")
+    assert greedy(load_model(out)) == greedy(theirs), arch
+
+
+def test_convert_writes_a_folder_that_loads_and_keeps_mtp(tmp_path):
+    from hybrid_checkpoints import hf_model, save_released
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_chat.weights.convert import convert
+
+    src = save_released(hf_model("qwen3_5_moe", **QUANT_DIMS), "qwen3_5_moe", tmp_path / "src")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["mtp.fc.weight"] = np.full((128, 256), 0.5, np.float32)
+    save_file(tensors, str(src / "model.safetensors"))
+    out = convert(src, tmp_path / "out", 4)
+    reloaded = load_model(out)
+    assert greedy(reloaded) == greedy(load_model(src, bits=4))
+    np.testing.assert_array_equal(np.array(reloaded.mtp_weights["mtp.fc.weight"]), 0.5)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.models.config import QUANT_BITS, ModelConfig, check_bits
+from qwen3_chat.files import read_json
+from qwen3_chat.models import config_from_dict
+from qwen3_chat.models.config import QUANT_BITS, check_bits
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -25,7 +27,7 @@ def convert(src: str | Path, out: str | Path, bits: int) -> Path:
     if not src.is_dir():
         raise ModelLoadError(f"{src}: not a model folder")
     # Checked before any weight is read: a missing, broken or quantized config fails fast.
-    if ModelConfig.from_file(src / "config.json").quantization:
+    if config_from_dict(read_json(src / "config.json", error=ModelLoadError)).quantization:
         raise ModelLoadError(f"{src} is already quantized")
     model = load_model(src, bits=bits)
     extra = [src / name for name in TOKENIZER_FILES if (src / name).exists()]

@@ -271,6 +271,8 @@ def save_model(
         raise ModelLoadError(f"{out_dir}: cannot create ({e})") from None
     try:
         params = dict(tree_flatten(model.parameters()))
+        # Tensors kept beside the modules as stored (the hybrid family's mtp.* head).
+        params.update(getattr(model, "mtp_weights", {}))
         shards = _shard(params, max_shard_bytes)
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
