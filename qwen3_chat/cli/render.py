@@ -6,7 +6,9 @@ render never pulls in MLX.
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -14,8 +16,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.panel import Panel
+from rich.segment import Segment, SegmentLines
 from rich.text import Text
 
+from qwen3_chat.cli.terminal import sanitize
 from qwen3_chat.engine.events import (
     AnswerText,
     ContextTrimmed,
@@ -25,6 +29,19 @@ from qwen3_chat.engine.events import (
 )
 
 THINK_TAIL_LINES = 6  # reasoning lines kept visible in the live thinking panel
+REFRESH_S = 0.1  # redraw at most ~10 times a second: rendering Markdown costs decode time
+# Why generation ended, where that is worth a word (one wording for the stats line and notes).
+FINISH_NOTES = {
+    "length": "stopped at --max-tokens",
+    "context": "stopped: the context window is full",
+}
+# Reasoning that never reached </think>, by finish_reason.
+UNFINISHED_THINKING = {
+    "stop": "the model stopped while thinking, without an answer",
+    "length": "thinking did not finish before --max-tokens",
+    "context": "thinking did not finish: the context window is full",
+}
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 
 
 def thought_line(tokens: int, seconds: float, budget_hit: bool, *, expanded: bool) -> str:
@@ -46,14 +63,40 @@ def stats_line(stats: Any) -> str:
     parts.append(f"{stats.decode_tps:.1f} tok/s")
     parts.append(f"first token {stats.ttft_s:.2f} s")
     parts.append(f"total {stats.total_s:.1f} s")
-    if stats.finish_reason == "length":
-        parts.append("stopped at --max-tokens")
+    if stats.finish_reason in FINISH_NOTES:
+        parts.append(FINISH_NOTES[stats.finish_reason])
     return " · ".join(parts)
 
 
+def unfinished_thinking_line(finish_reason: str) -> str:
+    """The note for a turn that ended inside its reasoning, worded by why it ended."""
+    return "▸ " + UNFINISHED_THINKING.get(finish_reason, f"thinking ended ({finish_reason})")
+
+
 def reasoning_panel(reasoning: str, title: str = "reasoning") -> Panel:
-    return Panel(Text(reasoning or "(no reasoning)", style="dim"), title=title,
+    return Panel(Text(sanitize(reasoning) or "(no reasoning)", style="dim"), title=title,
                  title_align="left", border_style="dim")  # fmt: skip
+
+
+def block_end(text: str, start: int = 0) -> int:
+    """Where the finished Markdown blocks of text[start:] end: after the last blank line or
+    closing code fence that is not inside a fence; `start` when no block has finished.
+
+    Text before that point renders the same whatever follows, so it can be printed for good.
+    """
+    cut, fence, pos = start, "", start
+    while (nl := text.find("\n", pos)) >= 0:
+        line, pos = text[pos:nl], nl + 1
+        m = _FENCE.match(line)
+        if fence:
+            closing = m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence)
+            if closing and not line[m.end():].strip():
+                fence, cut = "", pos
+        elif m:
+            fence = m.group(1)
+        elif not line.strip():
+            cut = pos
+    return cut
 
 
 @dataclass
@@ -66,17 +109,85 @@ class TurnResult:
 
 
 @dataclass
+class MarkdownStream:
+    """An answer streamed as Markdown with each line reaching the scrollback exactly once.
+
+    Finished blocks are printed for good; only the open block is live, and once it is
+    taller than the screen its top lines are printed for good as well. rich.Live re-prints
+    a render taller than the screen on every refresh, which flooded the scrollback.
+    """
+
+    console: Console
+    text: str = ""
+    _done: int = 0  # text[:_done] is printed for good
+    _shown: int = 0  # lines of the open block's render already printed for good
+    _gap: bool = False  # a blank line is owed before the open block (Markdown's block gap)
+    _live: Live | None = None
+    _drawn: float = 0.0  # when the live part was last redrawn
+
+    def add(self, piece: str) -> None:
+        self.text += sanitize(piece)
+        now = time.monotonic()
+        if now - self._drawn >= REFRESH_S:
+            self._drawn = now
+            self.refresh()
+
+    def _render(self, source: str) -> list[list[Segment]]:
+        """The open block's lines: the owed gap, then `source` as Markdown."""
+        if not source.strip():
+            return []
+        lines = self.console.render_lines(Markdown(source), self.console.options)
+        return [[], *lines] if self._gap else lines
+
+    def _print(self, lines: list[list[Segment]]) -> None:
+        if lines:
+            self.console.print(SegmentLines(lines, new_lines=True))
+
+    def refresh(self) -> None:
+        cut = block_end(self.text, self._done)
+        if cut > self._done:
+            lines = self._render(self.text[self._done:cut])
+            self._print(lines[self._shown:])
+            self._done, self._shown, self._gap = cut, 0, self._gap or bool(lines)
+        lines = self._render(self.text[self._done:])
+        room = max(self.console.size.height - 1, 1)  # the live part must fit on the screen
+        if len(lines) - self._shown > room:
+            self._print(lines[self._shown:len(lines) - room])
+            self._shown = len(lines) - room
+        if self._live is None:
+            self._live = Live(console=self.console, auto_refresh=False, transient=True)
+            self._live.start()
+        self._live.update(SegmentLines(lines[self._shown:], new_lines=True), refresh=True)
+
+    def close(self) -> None:
+        """Print what is still live (or not yet drawn) for good; nothing stays live."""
+        if self._live is not None:
+            self._live.stop()  # transient: erases the live part
+            self._live = None
+        self._print(self._render(self.text[self._done:])[self._shown:])
+        self._done, self._shown = len(self.text), 0
+
+
+@dataclass
 class LiveTurn:
-    """Renders one reply in a terminal: a transient thinking panel, then live Markdown."""
+    """Renders one reply in a terminal: a transient thinking panel, then streamed Markdown.
+
+    Model text is sanitized on arrival, so nothing it contains can drive the terminal.
+    """
 
     console: Console
     show_thinking: bool = False
     budget: int | None = None
     reasoning: list[str] = field(default_factory=list)
-    answer: list[str] = field(default_factory=list)
     think_tokens: int = 0
-    _live: Live | None = None
-    _phase: str = ""  # "", "thinking", "answer"
+    _stream: MarkdownStream | None = None
+    _live: Live | None = None  # the thinking panel
+    _drawn: float = 0.0
+    _phase: str = ""  # "", "thinking", "thought", "answer", "done"
+
+    @property
+    def answer(self) -> str:
+        return self._stream.text if self._stream is not None else ""
 
     def _thinking_view(self) -> Panel:
         text = "".join(self.reasoning)
@@ -89,76 +200,77 @@ class LiveTurn:
             counter += f" · budget {self.budget}"
         return Panel(tail, title=counter, title_align="left", border_style="dim", style="dim")
 
-    def _answer_view(self) -> Markdown:
-        return Markdown("".join(self.answer))
-
-    def _switch(self, phase: str) -> None:
-        if self._phase == phase:
-            return
-        self._stop_live()
-        self._phase = phase
-        if phase == "thinking" and not self.show_thinking:
-            self._live = Live(self._thinking_view(), console=self.console, transient=True,
-                              refresh_per_second=8)  # fmt: skip
-        elif phase == "answer":
-            self._live = Live(self._answer_view(), console=self.console, refresh_per_second=8,
-                              vertical_overflow="visible")  # fmt: skip
-        if self._live is not None:
-            self._live.start()
-
-    def _stop_live(self) -> None:
+    def _close(self) -> None:
+        """End whatever is live: the thinking panel vanishes, the answer stays, once."""
         if self._live is not None:
             self._live.stop()
             self._live = None
+        if self._stream is not None:
+            self._stream.close()
+
+    def _on_reasoning(self, text: str) -> None:
+        if self._phase != "thinking":
+            self._close()
+            self._phase = "thinking"
+            if not self.show_thinking:
+                self._live = Live(self._thinking_view(), console=self.console, transient=True,
+                                  auto_refresh=False)  # fmt: skip
+                self._live.start(refresh=True)
+        self.reasoning.append(text)
+        self.think_tokens += 1
+        if self.show_thinking:
+            self.console.print(Text(text, style="dim italic"), end="")
+        elif self._live is not None and time.monotonic() - self._drawn >= REFRESH_S:
+            self._drawn = time.monotonic()
+            self._live.update(self._thinking_view(), refresh=True)
 
     def on_event(self, ev: Any) -> TurnResult | None:
         if isinstance(ev, ReasoningText):
-            self._switch("thinking")
-            self.reasoning.append(ev.text)
-            self.think_tokens += 1
-            if self.show_thinking:
-                self.console.print(Text(ev.text, style="dim italic"), end="")
-            elif self._live is not None:
-                self._live.update(self._thinking_view())
+            self._on_reasoning(sanitize(ev.text))
         elif isinstance(ev, ThinkingDone):
             if self._phase in ("thought", "answer"):
                 return None  # a stray </think> inside the answer: the block already closed
-            self._stop_live()
+            self._close()
             if self.show_thinking:
                 self.console.print()
             self.console.print(Text(thought_line(ev.tokens, ev.seconds, ev.budget_hit,
                                                  expanded=self.show_thinking), style="dim"))
             self._phase = "thought"
         elif isinstance(ev, AnswerText):
-            self._switch("answer")
-            self.answer.append(ev.text)
-            if self._live is not None:
-                self._live.update(self._answer_view())
+            if self._phase != "answer":
+                self._close()
+                self._phase, self._stream = "answer", MarkdownStream(self.console)
+            self._stream.add(ev.text)
         elif isinstance(ev, ContextTrimmed):
-            self._stop_live()
+            self._close()
             self._phase = ""
             self.console.print(Text(
                 f"⚠ context nearly full: dropped the {ev.dropped_turns} oldest exchange(s); "
                 f"now {ev.context_used} of {ev.context_length} tokens", style="yellow"))
         elif isinstance(ev, Finished):
-            self._stop_live()
-            if self._phase == "thinking" and self.show_thinking:
-                self.console.print()
-            if ev.stats.reasoning_tokens and not ev.answer and self._phase == "thinking":
-                self.console.print(Text("▸ Thinking did not finish before --max-tokens",
+            self._close()
+            if self._phase == "thinking":
+                if self.show_thinking:
+                    self.console.print()
+                self.console.print(Text(unfinished_thinking_line(ev.stats.finish_reason),
                                         style="dim"))
+            self._phase = "done"
             self.console.print(Text(stats_line(ev.stats), style="dim"))
             return TurnResult(ev.stats, False, ev.answer)
         return None
 
     def interrupt(self) -> TurnResult:
-        """Ctrl-C: freeze what was shown and mark it interrupted."""
-        self._stop_live()
+        """Ctrl-C: keep what was shown (printed once), marked interrupted."""
+        self._close()
         if self._phase == "thinking":
+            if self.show_thinking:
+                self.console.print()
             self.console.print(Text(f"▸ Thinking interrupted after {self.think_tokens} tokens",
                                     style="dim"))
-        self.console.print(Text("[interrupted]", style="bold yellow"))
-        return TurnResult(None, True, "".join(self.answer))
+        if self._phase != "done":  # a Ctrl-C just after the last event stops nothing
+            self.console.print(Text("[interrupted]", style="bold yellow"))
+        self._phase = "done"
+        return TurnResult(None, True, self.answer)
 
 
 @dataclass
@@ -169,20 +281,25 @@ class PlainTurn:
     err: TextIO = field(default_factory=lambda: sys.stderr)
     show_thinking: bool = False
     echo_answer: bool = True  # False for --json, which prints once at the end
-    _reasoning_open: bool = False
+    _reasoning_open: bool = False  # reasoning written to stderr without its newline yet
+    _thinking: bool = False  # inside a reasoning block that has not closed
 
     def on_event(self, ev: Any) -> TurnResult | None:
-        if isinstance(ev, ReasoningText) and self.show_thinking:
-            self.err.write(ev.text)
-            self.err.flush()
-            self._reasoning_open = True
-        elif isinstance(ev, ThinkingDone) and self.show_thinking:
-            self.err.write("\n" if self._reasoning_open else "")
-            self.err.write(thought_line(ev.tokens, ev.seconds, ev.budget_hit, expanded=True))
-            self.err.write("\n")
-            self.err.flush()
+        if isinstance(ev, ReasoningText):
+            self._thinking = True
+            if self.show_thinking:
+                self.err.write(sanitize(ev.text))
+                self.err.flush()
+                self._reasoning_open = True
+        elif isinstance(ev, ThinkingDone):
+            self._thinking = False
+            if self.show_thinking:
+                self._end_reasoning()
+                self.err.write(thought_line(ev.tokens, ev.seconds, ev.budget_hit, expanded=True))
+                self.err.write("\n")
+                self.err.flush()
         elif isinstance(ev, AnswerText) and self.echo_answer:
-            self.out.write(ev.text)
+            self.out.write(sanitize(ev.text))
             self.out.flush()
         elif isinstance(ev, ContextTrimmed):
             self.err.write(f"warning: dropped {ev.dropped_turns} oldest exchange(s) to fit "
@@ -191,8 +308,18 @@ class PlainTurn:
             if self.echo_answer and ev.answer:
                 self.out.write("\n")
                 self.out.flush()
+            if self._thinking and not ev.answer:  # says why stdout is empty
+                self._end_reasoning()
+                why = UNFINISHED_THINKING.get(ev.stats.finish_reason, "no answer")
+                self.err.write(f"warning: {why}\n")
+                self.err.flush()
             return TurnResult(ev.stats, False, ev.answer)
         return None
+
+    def _end_reasoning(self) -> None:
+        if self._reasoning_open:
+            self.err.write("\n")
+            self._reasoning_open = False
 
 
 def make_console(file: TextIO | None = None, **kwargs: Any) -> Console:
@@ -200,5 +327,6 @@ def make_console(file: TextIO | None = None, **kwargs: Any) -> Console:
     return Console(file=file, highlight=False, **kwargs)
 
 
-__all__ = ["Group", "LiveTurn", "PlainTurn", "TurnResult", "make_console", "reasoning_panel",
-           "stats_line", "thought_line"]
+__all__ = ["FINISH_NOTES", "Group", "LiveTurn", "MarkdownStream", "PlainTurn", "TurnResult",
+           "block_end", "make_console", "reasoning_panel", "stats_line", "thought_line",
+           "unfinished_thinking_line"]

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qwen3_chat.cli.render import LiveTurn, make_console, reasoning_panel, stats_line
+from qwen3_chat.cli.terminal import InterruptGuard, discard_typeahead, quiet_keyboard
 from qwen3_chat.errors import Qwen3ChatError
 
 COMMANDS: dict[str, str] = {
@@ -179,41 +180,44 @@ class Repl:
         self.say("bye", "dim")
 
     def generate(self, start: Callable[[], Iterator[Any]]) -> None:
-        """Stream one reply; Ctrl-C stops it at once and keeps the partial answer."""
+        """Stream one reply; Ctrl-C stops it at once and keeps the partial answer.
+
+        Keys typed meanwhile are not echoed; Ctrl-C can land anywhere (prefill, decode, a
+        redraw) and leaves a sound screen, a sound conversation and no type-ahead."""
         turn = LiveTurn(self.console, show_thinking=self.show_thinking,
                         budget=self.session.budget)  # fmt: skip
         events: Iterator[Any] | None = None
-        try:
-            events = start()
-            for ev in events:
-                turn.on_event(ev)
-        except KeyboardInterrupt:
-            self._stop(events)
-            turn.interrupt()
-        except Qwen3ChatError as e:
-            self._stop(events)
-            if turn.answer or turn.reasoning:
-                turn.interrupt()
-            self.say(f"error: {e}", "red")
-        else:
-            used, size = self.session.context_used, self.session.context_length
-            if used > CONTEXT_WARN * size:
-                self.say(f"⚠ context {used}/{size} tokens: the oldest exchanges will be dropped "
-                         "soon (/clear starts afresh)", "yellow")  # fmt: skip
+        with quiet_keyboard(), InterruptGuard() as guard:
+            try:
+                events = start()
+                for ev in events:
+                    with guard.hold():  # a redraw finishes before Ctrl-C is raised
+                        turn.on_event(ev)
+            except KeyboardInterrupt:
+                with guard.hold(defer=False):  # a second Ctrl-C must not cut the cleanup
+                    self._stop(events)
+                    turn.interrupt()
+                discard_typeahead()
+            except Qwen3ChatError as e:
+                with guard.hold(defer=False):
+                    self._stop(events)
+                    if turn.answer or turn.reasoning:
+                        turn.interrupt()
+                    self.say(f"error: {e}", "red")
+            else:
+                with guard.hold(defer=False):
+                    used, size = self.session.context_used, self.session.context_length
+                    if used > CONTEXT_WARN * size:
+                        self.say(f"⚠ context {used}/{size} tokens: the oldest exchanges will be "
+                                 "dropped soon (/clear starts afresh)", "yellow")  # fmt: skip
 
     def _stop(self, events: Any) -> None:
-        """After Ctrl-C or an error mid-turn: end the stream, keep the conversation sound."""
+        """After Ctrl-C or an error mid-turn: end the stream; the session keeps itself sound
+        (abort() keeps a partial reply and drops a question that got none)."""
         close = getattr(events, "close", None)
         if close is not None:
-            try:
-                close()  # runs the engine's cleanup (finally blocks) now, not at GC
-            except KeyboardInterrupt:
-                pass
+            close()  # runs the engine's cleanup (finally blocks) now, not at GC
         self.session.abort()
-        messages = self.session.messages
-        if messages and messages[-1]["role"] == "user":
-            # Stopped before the first token: drop the question so turns still alternate.
-            messages.pop()
 
     # -- slash commands ----------------------------------------------------------------
     def command(self, line: str) -> bool:
