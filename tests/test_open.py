@@ -81,3 +81,9 @@ def test_unknown_names_are_named_errors(tmp_path):
         open_model("nope")
     with pytest.raises(Qwen3ChatError, match="not found"):
         open_model(str(tmp_path / "missing"))
+
+
+def test_bad_bits_are_refused_before_anything_is_fetched(float_folder):
+    for bits in (3, 32):
+        with pytest.raises(Qwen3ChatError, match="bits must be 4, 8 or 16"):
+            open_model(str(float_folder), bits=bits)

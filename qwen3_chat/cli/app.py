@@ -27,8 +27,6 @@ DEFAULT_BUDGET = 4096
 DEFAULT_MAX_TOKENS = 8192
 # MLX's PRNG key is built from an unsigned 64-bit seed.
 SEED_MAX = 2**64 - 1
-# Quantization the CLI offers: 4 or 8 bits, or 16 for the original weights.
-BITS = (4, 8, 16)
 
 
 class _Group(TyperGroup):
@@ -171,8 +169,13 @@ def chat(
         help="4 or 8 (quantized) or 16 (the original weights)."),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
-    if bits is not None and bits not in BITS:
-        raise usage_exit("--bits must be 4, 8 or 16")
+    if bits is not None:
+        from qwen3_chat.models.config import check_bits
+
+        try:
+            check_bits(bits, what="--bits")  # 4, 8 or 16 (the original weights)
+        except Qwen3ChatError as e:
+            raise usage_exit(str(e)) from None
     if budget is not None and no_budget:
         raise usage_exit("--budget and --no-budget cannot be used together")
     if as_json and as_jsonl:

@@ -16,9 +16,7 @@ from typing import Any
 
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.hub.registry import ModelEntry, load_registry
-
-# Bits that mean "the original, unquantized weights" (download --bits 16 fetches them).
-ORIGINAL_BITS = 16
+from qwen3_chat.models.config import ORIGINAL_BITS, check_bits
 
 # progress(stage, message): stage is "download" (Hugging Face shows its own bars) or "load".
 Progress = Callable[[str, str], None]
@@ -111,6 +109,8 @@ def open_model(name: str, *, bits: int | None = None,
     `bits` is 4 or 8 (quantized) or 16 (original weights); a local original folder is
     quantized on load. `progress(stage, message)` hears about slow steps; the library
     itself never prints."""
+    if bits is not None:
+        check_bits(bits)
     path = locate(name, bits=bits, progress=progress)
     quantize, loaded_bits = _load_bits(path, name, bits)
     if progress is not None:
