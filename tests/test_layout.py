@@ -19,6 +19,8 @@ MLX_FREE = [
     "qwen3_chat.engine",
     "qwen3_chat.engine.events",
     "qwen3_chat.engine.budget",
+    "qwen3_chat.engine.defaults",
+    "qwen3_chat.engine.phase",
     "qwen3_chat.chat",
     "qwen3_chat.chat.tokenizer",
     "qwen3_chat.models",

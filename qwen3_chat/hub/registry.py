@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen3_chat.engine.defaults import CAPABILITIES, HYBRID, MODES
 from qwen3_chat.errors import RegistryError
 
 if sys.version_info >= (3, 11):
@@ -17,7 +18,6 @@ else:  # pragma: no cover
 
 BUILTIN_FILE = Path(__file__).with_name("models.toml")  # a link to the repo's models.toml
 DEMO_ALIAS = "demo"
-CAPABILITIES = ("hybrid", "never", "always")
 KINDS = ("dense", "moe")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty")
 
@@ -36,7 +36,7 @@ class ModelEntry:
     download_gb: dict[int, float] = field(default_factory=dict)
     memory_gb: dict[int, float] = field(default_factory=dict)
     context_length: int = 32768
-    capability: str = "hybrid"
+    capability: str = HYBRID  # one of engine.defaults.CAPABILITIES
     sampling: dict[str, dict[str, float]] = field(default_factory=dict)  # mode -> params
     local: Path | None = None  # shipped inside the package (the demo), never downloaded
 
@@ -82,7 +82,7 @@ def _sampling(source: Path, where: str, value: Any, base: dict) -> dict[str, dic
     if not isinstance(value, dict):
         raise _fail(source, where, "sampling must be a table")
     for mode, params in value.items():
-        if mode not in ("thinking", "non_thinking") or not isinstance(params, dict):
+        if mode not in MODES or not isinstance(params, dict):
             raise _fail(source, f"{where}.{mode}", "expected [sampling.thinking|non_thinking]")
         for k, v in params.items():
             if k not in SAMPLING_KEYS or not isinstance(v, int | float):
@@ -102,7 +102,7 @@ def _entry(source: Path, alias: str, raw: Any, sampling: dict) -> ModelEntry:
     for bits, name in mlx.items():
         if name.count("/") != 1:
             raise _fail(source, f"{where}.mlx", f"{bits}-bit repo must be 'owner/name'")
-    capability = raw.get("thinking", "hybrid")
+    capability = raw.get("thinking", HYBRID)
     if capability not in CAPABILITIES:
         raise _fail(source, where, f"thinking must be one of {', '.join(CAPABILITIES)}")
     kind = raw.get("kind", "dense")
