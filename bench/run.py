@@ -226,17 +226,17 @@ def multi_turn(model, tok, total_tokens: int, turns: int, reps: int) -> dict:
 
     def reuse() -> dict:
         s = session()
-        s.messages = [dict(m) for m in history[:-2]]
+        s.load_messages(history[:-2])
         list(s.send(history[-2]["content"]))  # the earlier turn: fills the cache
         st = [e for e in s.send("And one more question?") if hasattr(e, "stats")][0].stats
         return {"ttft": st.ttft_s, "prefill_tokens": st.prefill_tokens, "prompt": st.prompt_tokens}
 
     def reprefill() -> dict:
         s = session()
-        s.messages = [dict(m) for m in history[:-2]]
+        s.load_messages(history[:-2])
         list(s.send(history[-2]["content"]))
         fresh = session()
-        fresh.messages = [dict(m) for m in s.messages]
+        fresh.load_messages(s.messages)
         st = [e for e in fresh.send("And one more question?") if hasattr(e, "stats")][0].stats
         return {"ttft": st.ttft_s, "prefill_tokens": st.prefill_tokens, "prompt": st.prompt_tokens}
 

@@ -20,8 +20,11 @@ QWEN_SAMPLING: dict[str, dict[str, float]] = {
     NON_THINKING: {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
 }
 
-DEFAULT_MAX_TOKENS = 8192  # answer tokens after the reasoning
-DEFAULT_BUDGET = 4096  # reasoning tokens before the answer is forced (the CLI's default)
+# Room for long answers (Qwen recommends 32768 for hard problems; this fits most chats).
+DEFAULT_MAX_TOKENS = 8192
+# Thinking budget when none is given: long enough for Qwen3's usual reasoning on everyday
+# questions, short enough that a runaway chain of thought ends within a minute or two.
+DEFAULT_BUDGET = 4096
 
 
 def mode_name(thinking: bool) -> str:
