@@ -3,7 +3,7 @@ conv + recurrent state of linear (Gated DeltaNet) layers (snapshots, not trim)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -89,11 +89,17 @@ class LinearCache:
         self.recurrent: mx.array | None = None  # [B, heads, Dk, Dv], float32
         self.offset = 0
         self._previous: LinearSnapshot | None = None
+        # A prefill's last chunk ends where the prompt ends: asked for, the state there is
+        # kept (decode steps overwrite it at once), for the next turn to resume from.
+        self.snapshot_at: int | None = None
+        self.marked: LinearSnapshot | None = None
 
     def update(self, conv: mx.array, recurrent: mx.array, tokens: int) -> None:
         self._previous = self.snapshot()
         self.conv, self.recurrent = conv, recurrent
         self.offset += tokens
+        if self.offset == self.snapshot_at:
+            self.marked = self.snapshot()
 
     def snapshot(self) -> LinearSnapshot:
         return LinearSnapshot(self.offset, self.conv, self.recurrent)
@@ -127,3 +133,78 @@ LayerCache = KVCache | LinearCache
 def can_trim(cache: list[LayerCache], n: int) -> bool:
     """Whether every layer can forget its last `n` tokens (hybrid models usually cannot)."""
     return all(c.can_trim(n) for c in cache)
+
+
+def rewind_layers(cache: list[LayerCache], target: int, snap: list | None = None) -> None:
+    """Put every layer at `target` tokens: KV layers by trimming, linear layers from `snap`
+    (their snapshots at `target`, None entries for KV layers) or to empty when target is 0."""
+    for i, c in enumerate(cache):
+        if isinstance(c, LinearCache):
+            c.restore(snap[i] if snap is not None else LinearSnapshot(0, None, None))
+        else:
+            c.trim(c.offset - target)
+
+
+@dataclass
+class Snapshots:
+    """Linear-layer states at chosen token offsets, so a hybrid model's cache can go back.
+
+    Bounded: at most `max_count` points and `max_bytes` in all (oldest dropped first). A
+    point at offset o is valid for the token ids the cache held then; points past a rewind
+    are dropped, so every point kept is a prefix of what the cache holds.
+    """
+
+    max_count: int = 8
+    max_bytes: int = 2 * 1024**3
+    points: list[tuple[int, list[LinearSnapshot | None]]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for _, snaps in self.points for s in snaps if s is not None)
+
+    def add(self, cache: list[LayerCache]) -> None:
+        """Remember every linear layer's state now (all layers must be at one offset)."""
+        snaps = [c.snapshot() if isinstance(c, LinearCache) else None for c in cache]
+        self._keep(min(c.offset for c in cache), snaps)
+
+    def request(self, cache: list[LayerCache], offset: int) -> None:
+        """Have the linear layers keep their state when an update ends at `offset`."""
+        for c in cache:
+            if isinstance(c, LinearCache):
+                c.snapshot_at, c.marked = offset, None
+
+    def collect(self, cache: list[LayerCache]) -> None:
+        """Keep the requested state if every linear layer reached it."""
+        linear = [c for c in cache if isinstance(c, LinearCache)]
+        marks = [c.marked for c in linear]
+        for c in linear:
+            c.snapshot_at, c.marked = None, None
+        if not linear or any(m is None for m in marks):
+            return
+        offset = marks[0].offset  # type: ignore[union-attr]
+        if all(m.offset == offset for m in marks) and offset <= min(c.offset for c in cache):
+            it = iter(marks)
+            self._keep(offset, [next(it) if isinstance(c, LinearCache) else None for c in cache])
+
+    def _keep(self, offset: int, snaps: list[LinearSnapshot | None]) -> None:
+        if not any(isinstance(s, LinearSnapshot) for s in snaps):
+            return
+        self.points = [p for p in self.points if p[0] != offset] + [(offset, snaps)]
+        self.points.sort(key=lambda p: p[0])
+        while self.points and (len(self.points) > self.max_count or self.nbytes > self.max_bytes):
+            self.points.pop(0)
+
+    def rewind(self, cache: list[LayerCache], target: int) -> int:
+        """Go back to `target` tokens, or to the latest snapshot before it (or to nothing);
+        returns the offset every layer is at now."""
+        held = min((c.offset for c in cache), default=0)
+        target = min(target, held)
+        if all(c.can_trim(c.offset - target) for c in cache):
+            for c in cache:
+                c.trim(c.offset - target)
+        else:
+            usable = [p for p in self.points if p[0] <= target]
+            target, snap = usable[-1] if usable else (0, None)
+            rewind_layers(cache, target, snap)
+        self.points = [p for p in self.points if p[0] <= target]
+        return target
