@@ -98,11 +98,13 @@ def _compute_dtype() -> tuple[str, int]:
 
 def describe(name: str, path: Path) -> ModelInfo:
     """Describe the model folder `path` (reached as `name`) without loading its weights."""
+    from qwen3_chat.models.config import ModelConfig
+
     path = Path(path)
-    cfg = read_config(path)
-    if cfg.get("model_type") not in ("qwen3", "qwen3_moe"):
-        found = cfg.get("model_type") if cfg else "no readable config.json"
-        raise ModelLoadError(f"{path}: not a Qwen3 model folder ({found})")
+    raw = read_config(path)
+    if not raw:
+        raise ModelLoadError(f"{path}: no readable config.json")
+    cfg = ModelConfig.from_dict(raw)  # names an unsupported model_type or a missing field
     entry = registry_entry(name)
     if entry is not None:
         capability, context = entry.capability, entry.context_length
@@ -111,29 +113,27 @@ def describe(name: str, path: Path) -> ModelInfo:
         from qwen3_chat.hub.open import guess_capability
 
         capability = guess_capability(Tokenizer.from_dir(path))
-        context = cfg.get("max_position_embeddings", 0)
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    total, active = _parameter_counts(cfg)
+        context = cfg.max_position_embeddings
+    total, active = _parameter_counts(raw)
     dtype_name, dtype_bytes = _compute_dtype()
-    quant = cfg.get("quantization") or cfg.get("quantization_config")
-    bits = stored_bits(cfg)
-    experts = cfg.get("num_experts", 0) if cfg["model_type"] == "qwen3_moe" else 0
+    bits = stored_bits(raw)
+    experts = cfg.num_experts if cfg.is_moe else 0
     return ModelInfo(
         name=name, path=str(path),
-        architecture=(cfg.get("architectures") or [cfg["model_type"]])[0],
-        model_type=cfg["model_type"], kind="moe" if experts else "dense",
-        layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
-        ffn_size=cfg.get("moe_intermediate_size" if experts else "intermediate_size", 0),
-        attention_heads=heads, kv_heads=cfg["num_key_value_heads"], head_dim=head_dim,
-        vocab_size=cfg["vocab_size"], experts=experts,
-        experts_per_token=cfg.get("num_experts_per_tok", 0) if experts else 0,
+        architecture=(raw.get("architectures") or [cfg.model_type])[0],
+        model_type=cfg.model_type, kind="moe" if experts else "dense",
+        layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+        ffn_size=cfg.moe_intermediate_size if experts else cfg.intermediate_size,
+        attention_heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, experts=experts,
+        experts_per_token=cfg.num_experts_per_tok if experts else 0,
         capability=capability, context_length=context,
-        quantization={"bits": bits, "group_size": quant.get("group_size")} if bits else None,
-        stored_dtype=str(cfg.get("torch_dtype") or ""),
+        quantization={"bits": bits, "group_size": cfg.quantization.get("group_size")}
+        if bits and cfg.quantization else None,
+        stored_dtype=str(raw.get("torch_dtype") or ""),
         parameters=total, active_parameters=active,
         disk_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         compute_dtype=dtype_name, weights_bytes=_tensor_bytes(path, dtype_bytes),
-        kv_cache_bytes=2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim
+        kv_cache_bytes=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
         * context * dtype_bytes,
     )  # fmt: skip

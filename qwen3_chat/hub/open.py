@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen3_chat.engine.defaults import ALWAYS, HYBRID, NEVER
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.hub.registry import ModelEntry, load_registry
 from qwen3_chat.models.config import ORIGINAL_BITS, check_bits
@@ -30,7 +31,7 @@ class LoadedModel:
     path: Path
     model: Any  # models.qwen3.Model (typed loosely: no MLX import here)
     tokenizer: Any  # chat.tokenizer.Tokenizer
-    capability: str = "hybrid"  # one of registry.CAPABILITIES
+    capability: str = HYBRID  # one of engine.defaults.CAPABILITIES
     context_length: int | None = None  # None: the model's max_position_embeddings
     mode_sampling: dict[str, dict[str, float]] | None = None  # per mode, from models.toml
     bits: int = ORIGINAL_BITS  # quantization of the weights in memory; 16 = unquantized
@@ -74,8 +75,8 @@ def guess_capability(tokenizer: Any) -> str:
     on = tokenizer.apply_chat_template(probe, enable_thinking=True)
     off = tokenizer.apply_chat_template(probe, enable_thinking=False)
     if on != off:
-        return "hybrid"
-    return "always" if on.rstrip().endswith("<think>") else "never"
+        return HYBRID
+    return ALWAYS if on.rstrip().endswith("<think>") else NEVER
 
 
 def locate(name: str, *, bits: int | None = None, progress: Progress | None = None) -> Path:
