@@ -121,7 +121,8 @@ class MarkdownStream:
     text: str = ""
     _done: int = 0  # text[:_done] is printed for good
     _shown: int = 0  # lines of the open block's render already printed for good
-    _gap: bool = False  # a blank line is owed before the open block (Markdown's block gap)
+    _prev: str = ""  # the last finished block: rendered ahead of the open one, so the
+    _prev_lines: int = 0  # gap between them and list numbering come out as in one piece
     _live: Live | None = None
     _drawn: float = 0.0  # when the live part was last redrawn
 
@@ -132,24 +133,33 @@ class MarkdownStream:
             self._drawn = now
             self.refresh()
 
-    def _render(self, source: str) -> list[list[Segment]]:
-        """The open block's lines: the owed gap, then `source` as Markdown."""
+    def _lines(self, source: str) -> list[list[Segment]]:
+        return self.console.render_lines(Markdown(source), self.console.options)
+
+    def _render(self, end: int) -> list[list[Segment]]:
+        """text[_done:end] as it renders after the finished blocks."""
+        source = self.text[self._done:end]
         if not source.strip():
             return []
-        lines = self.console.render_lines(Markdown(source), self.console.options)
-        return [[], *lines] if self._gap else lines
+        return self._lines(self._prev + source)[self._prev_lines:]
 
     def _print(self, lines: list[list[Segment]]) -> None:
         if lines:
             self.console.print(SegmentLines(lines, new_lines=True))
 
+    def _finish_blocks(self, cut: int) -> None:
+        """Print text[_done:cut] (whole blocks) for good."""
+        self._print(self._render(cut)[self._shown:])
+        block = self.text[self._done:cut]
+        if block.strip():
+            self._prev, self._prev_lines = block, len(self._lines(block))
+        self._done, self._shown = cut, 0
+
     def refresh(self) -> None:
         cut = block_end(self.text, self._done)
         if cut > self._done:
-            lines = self._render(self.text[self._done:cut])
-            self._print(lines[self._shown:])
-            self._done, self._shown, self._gap = cut, 0, self._gap or bool(lines)
-        lines = self._render(self.text[self._done:])
+            self._finish_blocks(cut)
+        lines = self._render(len(self.text))
         room = max(self.console.size.height - 1, 1)  # the live part must fit on the screen
         if len(lines) - self._shown > room:
             self._print(lines[self._shown:len(lines) - room])
@@ -164,8 +174,7 @@ class MarkdownStream:
         if self._live is not None:
             self._live.stop()  # transient: erases the live part
             self._live = None
-        self._print(self._render(self.text[self._done:])[self._shown:])
-        self._done, self._shown = len(self.text), 0
+        self._finish_blocks(len(self.text))
 
 
 @dataclass
