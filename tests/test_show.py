@@ -95,3 +95,9 @@ def test_unavailable_models_are_one_line_errors(name, says):
     result = CliRunner().invoke(app, ["show", name])
     assert result.exit_code == 1 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
+
+
+def test_bad_bits_is_a_usage_error():
+    result = CliRunner().invoke(app, ["show", "demo", "--bits", "3"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "error: --bits must be 4, 8 or 16, not 3"

@@ -17,7 +17,7 @@ from qwen3_chat import __version__
 from qwen3_chat.cli import models as cli_models
 from qwen3_chat.cli import serve as cli_serve
 from qwen3_chat.cli import show as cli_show
-from qwen3_chat.cli.oneshot import usage_exit
+from qwen3_chat.cli.usage import check_bits_option, usage_exit
 from qwen3_chat.errors import Qwen3ChatError
 
 # Thinking budget when none is given: long enough for Qwen3's usual reasoning on everyday
@@ -169,13 +169,7 @@ def chat(
         help="4 or 8 (quantized) or 16 (the original weights)."),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
-    if bits is not None:
-        from qwen3_chat.models.config import check_bits
-
-        try:
-            check_bits(bits, what="--bits")  # 4, 8 or 16 (the original weights)
-        except Qwen3ChatError as e:
-            raise usage_exit(str(e)) from None
+    check_bits_option(bits)
     if budget is not None and no_budget:
         raise usage_exit("--budget and --no-budget cannot be used together")
     if as_json and as_jsonl:

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import typer
 
+from qwen3_chat.cli.usage import usage_exit
 from qwen3_chat.engine.events import (
     AnswerText,
     ContextTrimmed,
@@ -20,12 +21,6 @@ from qwen3_chat.engine.events import (
     ThinkingDone,
 )
 from qwen3_chat.errors import Qwen3ChatError
-
-
-def usage_exit(message: str) -> typer.Exit:
-    """Bad input on the command line: one line on stderr, exit status 2 (raise the result)."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
 
 
 def result_object(ev: Finished, model: str) -> dict[str, Any]:

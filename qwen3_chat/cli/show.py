@@ -7,6 +7,7 @@ import json
 import typer
 
 from qwen3_chat.cli.models import _size as size
+from qwen3_chat.cli.usage import check_bits_option
 from qwen3_chat.errors import Qwen3ChatError
 
 
@@ -53,6 +54,7 @@ def show(
     from qwen3_chat.hub import download as hub
     from qwen3_chat.hub.info import describe
 
+    check_bits_option(bits)
     path = hub.resolve_local(model, bits=bits)
     if path is None:
         raise Qwen3ChatError(f"{model} is not downloaded; `qwen3 download {model}` fetches it")
