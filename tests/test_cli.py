@@ -222,6 +222,22 @@ def test_bare_qwen3_with_piped_text_answers_it():
     assert result.stdout.strip() and not ANSI.search(result.stdout)  # like `qwen3 chat`
 
 
+def _closed_stdout(*args: str) -> subprocess.CompletedProcess:
+    """Run qwen3 with file descriptor 1 closed, as `qwen3 ... >&-` does."""
+    return subprocess.run([sys.executable, "-m", "qwen3_chat", *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1))  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["chat", "-m", "demo", "--no-think", "hi"],
+                                  ["chat", "-m", "demo", "--json", "--no-think", "hi"],
+                                  ["show", "demo"], ["-h"]])  # fmt: skip
+def test_closed_stdout_is_one_line_not_a_traceback(args):
+    proc = _closed_stdout(*args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "error: cannot write the output: stdout is closed"
+
+
 def test_stdout_full_is_one_line_not_a_traceback():
     with open("/dev/full", "wb") as full:
         proc = subprocess.run([sys.executable, "-m", "qwen3_chat", "chat", "-m", "demo",

@@ -6,6 +6,7 @@ registry and REPL are imported inside the command that needs them.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
@@ -53,11 +54,8 @@ class _Group(TyperGroup):
             # stdout at devnull so the flush at exit does not complain again.
             _silence_stdout()
             raise typer.Exit(0) from None
-        except OSError as e:  # stdout on a full disk or a broken device
-            _silence_stdout()
-            where = f"{e.filename}: " if e.filename else "cannot write the output: "
-            typer.echo(f"error: {where}{e.strerror or e}", err=True)
-            raise typer.Exit(1) from None
+        except OSError as e:  # stdout on a full disk, closed or a broken device
+            raise _os_error_exit(e) from None
 
 
 def _one_line(e: Any) -> typer.Exit:
@@ -66,6 +64,29 @@ def _one_line(e: Any) -> typer.Exit:
     hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
     typer.echo(f"error: {e.format_message()}{hint}", err=True)
     return typer.Exit(getattr(e, "exit_code", 2))
+
+
+def _os_error_exit(e: OSError) -> typer.Exit:
+    """An I/O error no library call turned into a Qwen3ChatError: writing our own output."""
+    _silence_stdout()
+    where = f"{e.filename}: " if e.filename else "cannot write the output: "
+    typer.echo(f"error: {where}{e.strerror or e}", err=True)
+    return typer.Exit(1)
+
+
+class _ClosedStdout:
+    """sys.stdout when qwen3 starts with it closed (`>&-`): fails like a file, when written."""
+
+    def _fail(self, *args: Any) -> Any:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    write = fileno = _fail
+
+    def flush(self) -> None:
+        pass  # nothing is ever buffered; the interpreter flushes stdout at exit
+
+    def isatty(self) -> bool:
+        return False
 
 
 def _silence_stdout() -> None:
@@ -222,11 +243,15 @@ cli_serve.register(app)
 
 def main() -> None:
     """Entry point: also ends quietly when stdout is closed early (`| head -1`)."""
+    if sys.stdout is None:  # Python's stand-in for a closed descriptor 1
+        sys.stdout = _ClosedStdout()  # type: ignore[assignment]
     try:
         app()
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    except OSError as e:  # while parsing, e.g. `qwen3 -h >&-`, before _Group.invoke
+        sys.exit(_os_error_exit(e).exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 
