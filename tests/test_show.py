@@ -89,10 +89,13 @@ def test_thinking_capability_comes_from_the_template(tmp_path, qwen3_tokenizer_d
     assert show(str(path))["capability"] == "always"
 
 
-@pytest.mark.parametrize("name, says", [("qwen3-4b", "not downloaded"),
-                                        ("no-such-model", "unknown model")])  # fmt: skip
-def test_unavailable_models_are_one_line_errors(name, says):
-    result = CliRunner().invoke(app, ["show", name])
+@pytest.mark.parametrize("args, says", [
+    (["qwen3-4b"], "not downloaded; `qwen3 download qwen3-4b` fetches it (about "),
+    (["qwen3-4b", "--bits", "8"], "`qwen3 download qwen3-4b --bits 8` fetches it (about "),
+    (["no-such-model"], "unknown model"),
+])  # fmt: skip
+def test_unavailable_models_are_one_line_errors(args, says):
+    result = CliRunner().invoke(app, ["show", *args])
     assert result.exit_code == 1 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
 

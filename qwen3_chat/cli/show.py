@@ -57,7 +57,15 @@ def show(
     check_bits_option(bits)
     path = hub.resolve_local(model, bits=bits)
     if path is None:
-        raise Qwen3ChatError(f"{model} is not downloaded; `qwen3 download {model}` fetches it")
+        from qwen3_chat.hub.open import registry_entry
+        from qwen3_chat.models.config import DEFAULT_BITS
+
+        entry = registry_entry(model)
+        gb = entry.download_gb.get(bits or DEFAULT_BITS) if entry is not None else None
+        size_note = f" (about {gb:g} GB)" if gb else ""
+        flag = f" --bits {bits}" if bits else ""
+        raise Qwen3ChatError(f"{model} is not downloaded; `qwen3 download {model}{flag}` "
+                             f"fetches it{size_note}")  # fmt: skip
     info = describe(model, path)
     if as_json:
         typer.echo(json.dumps(info.to_dict(), ensure_ascii=False))
