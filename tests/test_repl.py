@@ -5,59 +5,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
+import stat
 import time
 from pathlib import Path
 
-import pexpect
 import pytest
-from checkpoints import REAL_VOCAB, make_checkpoint, tiny_config
+from pty_term import DEMO, Term, make_never_model
 
-from qwen3_chat.cli.repl import closest_command, history_path, save_conversation, unquote
+from qwen3_chat.cli.commands import closest_command
+from qwen3_chat.cli.conversations import write_private_json
+from qwen3_chat.cli.history import history_path
+from qwen3_chat.cli.repl import unquote
 
 QUESTION = "What is 23 + 14?"
-ROWS, COLS = 30, 100
-# Chat template with no enable_thinking switch: the CLI must treat the model as "never".
-PLAIN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
-class Term:
-    """A REPL in a pty that answers prompt-toolkit's cursor-position requests like a terminal."""
-
-    def __init__(self, args: list[str], state: Path, timeout: float = 30):
-        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLS),
-               "LINES": str(ROWS), "XDG_STATE_HOME": str(state), "NO_COLOR": "1"}  # fmt: skip
-        # Ctrl-C makes the tty driver flush its output queue, which can cut a UTF-8
-        # character in half: decode leniently, as a terminal would.
-        self.child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "chat", *args], env=env,
-                                   encoding="utf-8", codec_errors="replace",
-                                   dimensions=(ROWS, COLS), timeout=timeout)  # fmt: skip
-        self.seen = ""  # everything printed since the last send
-
-    def expect(self, pattern: str) -> str:
-        while True:
-            i = self.child.expect([r"\x1b\[6n", pattern])
-            self.seen += self.child.before
-            if i == 0:
-                self.child.send("\x1b[5;1R")  # row 5: the rest of the screen is below us
-                continue
-            self.seen += self.child.after
-            return self.child.after
-
-    def prompt(self) -> None:
-        self.expect("context \\d+/\\d+")  # the bottom toolbar is drawn with each prompt
-
-    def send(self, line: str) -> None:
-        self.seen = ""
-        self.child.send(line + "\r")
-
-    def close(self) -> int:
-        self.child.expect(pexpect.EOF)
-        self.child.close()
-        return self.child.exitstatus
+@pytest.fixture(scope="module")
+def never_model(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    return make_never_model(tmp_path_factory.mktemp("never"), qwen3_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +34,6 @@ def demo_reasoning() -> str:
     model, tok = load(DEMO_MODEL_DIR)
     session = ChatSession(model, tok, sampling=SamplingParams(temperature=0), budget=4096)
     return [e for e in session.send(QUESTION) if isinstance(e, Finished)][0].reasoning
-
-
-@pytest.fixture(scope="module")
-def never_model(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
-    """Random weights + real tokenizer, with a template that cannot switch thinking on.
-
-    The full Qwen3 vocabulary (so the template's special tokens are valid ids) on a tiny,
-    tied 16-wide body: ~10 MB, and it practically never samples <|im_end|>.
-    """
-    cfg = tiny_config(vocab_size=REAL_VOCAB, tie_word_embeddings=True, hidden_size=16,
-                      head_dim=8, intermediate_size=32, num_hidden_layers=1)
-    path = make_checkpoint(tmp_path_factory.mktemp("never") / "m", cfg,
-                           tokenizer_dir=qwen3_tokenizer_dir)  # fmt: skip
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = PLAIN_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return path
 
 
 def test_demo_session_think_show_no_think_budget_save_load(tmp_path, demo_reasoning):
@@ -105,8 +53,7 @@ def test_demo_session_think_show_no_think_budget_save_load(tmp_path, demo_reason
     term.send("/no_think")
     term.expect("thinking off")
     term.expect("no_think │ budget 4096")
-    term.send("What is 8 + 9?")
-    term.expect("tok/s")
+    term.ask("What is 8 + 9?")
     assert "Thought for" not in term.seen and "thinking ·" not in term.seen
 
     term.send("/think")
@@ -165,8 +112,7 @@ def test_context_warning_then_oldest_turns_dropped(tmp_path):
     long = "What is 12 + 30? " * 40  # ~440 tokens of the demo's 2048
     term.prompt()
     for _ in range(3):
-        term.send(long)
-        term.expect("tok/s")
+        term.ask(long)
         term.prompt()
     term.send(long)
     term.expect(r"context \d+/2048 tokens: the oldest exchanges will be dropped soon")
@@ -180,12 +126,11 @@ def test_context_warning_then_oldest_turns_dropped(tmp_path):
 
 def test_multiline_block_history_and_ctrl_c_at_prompt(tmp_path):
     state = tmp_path / "state"
-    term = Term(["-m", "demo", "--temp", "0", "--no-think"], state)
+    term = Term(DEMO, state)
     term.prompt()
     term.send('"""')
     term.send("What is")
-    term.send('12 + 30?"""')
-    term.expect("tok/s")
+    term.ask('12 + 30?"""')
     term.prompt()
     term.child.send("half a line")
     time.sleep(0.3)
@@ -229,11 +174,134 @@ def test_helpers(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert history_path() == tmp_path / "qwen3-chat" / "history"
     target = tmp_path / "sub" / "c.json"
-    save_conversation(target, {"messages": []})
-    save_conversation(target, {"messages": [{"role": "user", "content": "é"}]})
+    write_private_json(target, {"messages": []})
+    write_private_json(target, {"messages": [{"role": "user", "content": "é"}]})
     assert json.loads(target.read_text(encoding="utf-8"))["messages"][0]["content"] == "é"
     assert [p.name for p in target.parent.iterdir()] == ["c.json"]  # no temp files left
     with pytest.raises(TypeError):
-        save_conversation(target, {"bad": object()})
+        write_private_json(target, {"bad": object()})
     assert json.loads(target.read_text())["messages"][0]["content"] == "é"  # old file intact
     assert [p.name for p in target.parent.iterdir()] == ["c.json"]
+
+
+def saved_messages(term: Term, path: Path, n: int) -> list[dict]:
+    term.send(f"/save {path}")
+    term.expect(f"saved {n} messages")
+    return json.loads(path.read_text(encoding="utf-8"))["messages"]
+
+
+def test_think_and_no_think_with_text_switch_mode_and_send_it(tmp_path):
+    term = Term(DEMO, tmp_path / "state")
+    term.expect("demo │ no_think │")
+    term.send(f"/think {QUESTION}")
+    term.expect("thinking on")
+    term.expect(r"▸ Thought for \d+ tokens")
+    term.expect("tok/s")
+    term.expect("demo │ think │")
+    term.send("/no_think What is 8 + 9?")
+    term.expect("thinking off")
+    term.expect("tok/s")
+    assert "Thought for" not in term.seen
+    term.expect("demo │ no_think │")
+    msgs = saved_messages(term, tmp_path / "c.json", 4)
+    assert [m["content"] for m in msgs[::2]] == [QUESTION, "What is 8 + 9?"]
+    assert "reasoning_content" in msgs[1] and "reasoning_content" not in msgs[3]
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def test_double_slash_sends_a_message_that_starts_with_a_slash(tmp_path):
+    term = Term(DEMO, tmp_path / "state")
+    term.prompt()
+    term.send("/help")
+    term.expect("//TEXT")
+    term.ask("//etc/hosts is a file?")
+    assert "unknown command" not in term.seen
+    assert saved_messages(term, tmp_path / "c.json", 2)[0]["content"] == "/etc/hosts is a file?"
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def test_pasted_text_that_starts_with_triple_quotes_can_be_submitted(tmp_path):
+    term = Term(DEMO, tmp_path / "state")
+    term.prompt()
+    quoted = '"""Quoted""" is what I read. What is 12 + 30?'
+    code = '"""Module doc."""\n\ndef f():\n    """Inner."""\n    return 12 + 30'
+    for text in (quoted, code):
+        term.paste(text)
+        term.child.send("\r")
+        term.expect("tok/s")
+        term.prompt()
+    msgs = saved_messages(term, tmp_path / "c.json", 4)
+    assert [m["content"] for m in msgs[::2]] == [quoted, code]  # sent as pasted
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def test_load_rejects_bad_settings_and_keeps_the_conversation(tmp_path):
+    term = Term(DEMO, tmp_path / "state")
+    term.prompt()
+    term.ask(QUESTION)
+    good = saved_messages(term, tmp_path / "good.json", 2)
+    data = json.loads((tmp_path / "good.json").read_text())
+    bad = tmp_path / "bad.json"
+    for key, value, message in [
+        ("max_tokens", -5, "max_tokens must be"),
+        ("budget", "lots", "budget must be"),
+        ("thinking", "no", "thinking must be"),
+        ("sampling_overrides", {"temperature": -1}, "temperature"),
+    ]:
+        bad.write_text(json.dumps({**data, key: value, "messages": []}))
+        term.send(f"/load {bad}")
+        term.expect(message)
+        assert "loaded" not in term.seen and "Traceback" not in term.seen
+    assert saved_messages(term, tmp_path / "after.json", 2) == good
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def test_ctrl_c_while_a_model_loads_keeps_the_model_and_conversation(tmp_path, never_model):
+    # A model folder whose weights are a FIFO: opening it blocks until Ctrl-C.
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for f in never_model.iterdir():
+        if f.suffix != ".safetensors":
+            (slow / f.name).write_bytes(f.read_bytes())
+    os.mkfifo(slow / "model.safetensors")
+    term = Term(DEMO, tmp_path / "state")
+    term.prompt()
+    term.ask(QUESTION)
+    term.prompt()
+    term.send(f"/model {slow}")
+    term.expect("loading")
+    term.child.send("\x03")
+    term.expect("cancelled")
+    term.expect("demo │ no_think │")
+    assert len(saved_messages(term, tmp_path / "c.json", 2)) == 2
+    term.ask("What is 8 + 9?")
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def test_unusable_history_folder_warns_once_and_chats_on(tmp_path):
+    state = tmp_path / "state"
+    state.write_text("a file where the state folder should be")
+    term = Term(DEMO, state)
+    term.prompt()
+    term.ask(QUESTION)
+    term.ask(QUESTION)
+    term.send("/exit")
+    assert term.close() == 0
+    assert "Traceback" not in term.transcript
+    assert term.transcript.count("warning: cannot keep history") == 1
+
+
+def test_history_is_private(tmp_path):
+    state = tmp_path / "state"
+    term = Term(DEMO, state)
+    term.prompt()
+    term.ask(QUESTION)
+    term.send("/exit")
+    assert term.close() == 0
+    assert stat.S_IMODE((state / "qwen3-chat").stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "qwen3-chat" / "history").stat().st_mode) == 0o600

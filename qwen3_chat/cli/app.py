@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from qwen3_chat import __version__
+from qwen3_chat.cli import conversations as cli_conversations
 from qwen3_chat.cli import models as cli_models
 from qwen3_chat.cli import serve as cli_serve
 from qwen3_chat.cli import show as cli_show
@@ -159,7 +160,7 @@ def _overrides(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-@app.command()
+@app.command(cls=cli_conversations.ChatCommand)
 def chat(
     prompt: str | None = typer.Argument(None, help="Ask once and exit (stdin is appended)."),
     model_name: str | None = typer.Option(None, "--model", "-m", metavar="NAME|PATH",
@@ -188,6 +189,10 @@ def chat(
              "context_trimmed, finished)."),
     bits: int | None = typer.Option(None, "--bits",
         help="4 or 8 (quantized) or 16 (the original weights)."),
+    files: list[str] | None = typer.Option(None, "--file", "-f", metavar="FILE",
+        help="Attach a UTF-8 text file to the first message (repeatable)."),
+    resume: str | None = typer.Option(None, "--resume", metavar="[ID]",
+        help="Continue the latest saved conversation, or ID (`qwen3 conversations`)."),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
     check_bits_option(bits)
@@ -198,8 +203,10 @@ def chat(
     output = "json" if as_json else "jsonl" if as_jsonl else "text"
     interactive = prompt is None and sys.stdin.isatty() and output == "text"
     text = "" if interactive else _read_prompt(prompt)
-    if not interactive and not text.strip():
+    if not interactive and not text.strip() and not files:
         raise usage_exit("empty prompt: give PROMPT or pipe text on stdin")
+    if resume and not interactive:
+        raise usage_exit("--resume continues a conversation in the REPL: drop PROMPT and stdin")
 
     from qwen3_chat.chat.session import ChatSession
     from qwen3_chat.cli.progress import open_with_status
@@ -218,11 +225,16 @@ def chat(
         mode_sampling=loaded.mode_sampling,
         context_length=loaded.context_length,
     )  # fmt: skip
+    from qwen3_chat.cli.attachments import read_attachments, with_attachments
+
+    attached = read_attachments(files or [], session)
     if interactive:
         from qwen3_chat.cli.repl import Repl
 
-        Repl(session, loaded, open_model=open_with_status, show_thinking=show_thinking).run()
+        Repl(session, loaded, open_model=open_with_status, show_thinking=show_thinking,
+             attachments=attached, resume=resume).run()  # fmt: skip
         return
+    text = with_attachments(text, attached)
     from qwen3_chat.cli.oneshot import one_shot
 
     one_shot(session, loaded.name, text, show_thinking=show_thinking, output=output)
@@ -239,6 +251,7 @@ def _warn_unhonoured(think: bool | None, name: str, capability: str) -> None:
 cli_show.register(app)
 cli_models.register(app)
 cli_serve.register(app)
+cli_conversations.register(app)
 
 
 def main() -> None:

@@ -1,110 +1,75 @@
 """The interactive chat: prompt-toolkit input (history, completion, toolbar), rich output.
 
-All conversation state lives in ChatSession; this module maps keystrokes and slash commands
-onto it and renders its events through render.LiveTurn.
+All conversation state lives in ChatSession; this module maps keystrokes onto it, hands
+slash commands to cli.commands, renders events through render.LiveTurn, and saves the
+conversation after every turn (cli.conversations).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
-from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
-from qwen3_chat.cli.render import LiveTurn, make_console, reasoning_panel, stats_line
-from qwen3_chat.cli.terminal import InterruptGuard, discard_typeahead, quiet_keyboard
+from qwen3_chat.cli import settings
+from qwen3_chat.cli.attachments import Attachment, with_attachments
+from qwen3_chat.cli.commands import COMMANDS, run_command
+from qwen3_chat.cli.conversations import ConversationStore
+from qwen3_chat.cli.history import open_history
+from qwen3_chat.cli.render import LiveTurn, make_console
+from qwen3_chat.cli.terminal import (
+    InterruptGuard,
+    discard_typeahead,
+    quiet_keyboard,
+    sanitize,
+)
 from qwen3_chat.errors import Qwen3ChatError
 
-COMMANDS: dict[str, str] = {
-    "/think": "thinking mode on",
-    "/no_think": "thinking mode off (also /nothink)",
-    "/nothink": "same as /no_think",
-    "/budget": "/budget N|off: most reasoning tokens per answer",
-    "/system": "/system TEXT: set the system prompt (empty: remove it)",
-    "/clear": "start a new conversation",
-    "/retry": "generate the last answer again",
-    "/undo": "remove the last question and answer",
-    "/show": "/show [N]: expand the reasoning of the last (or Nth) answer",
-    "/stats": "numbers for the last answer",
-    "/save": "/save FILE: write the conversation as JSON",
-    "/load": "/load FILE: restore a saved conversation and its settings",
-    "/model": "/model NAME: switch model, keeping the conversation",
-    "/help": "this list",
-    "/exit": "quit (also /quit, Ctrl-D)",
-    "/quit": "quit",
-}
 CONTEXT_WARN = 0.8  # warn once the conversation fills this share of the context
 QUOTES = '"""'
 
 
-def history_path() -> Path:
-    """$XDG_STATE_HOME/qwen3-chat/history (default ~/.local/state)."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "qwen3-chat" / "history"
+def block_open(text: str) -> bool:
+    """Inside a `\"\"\"` block: the text starts with the quotes and has not closed them.
 
-
-def closest_command(word: str) -> str | None:
-    match = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.5)
-    return match[0] if match else None
-
-
-def save_conversation(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically: a temp file in the same folder, fsync, then rename over."""
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_conversation(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.expanduser().read_text(encoding="utf-8"))
-    except OSError as e:
-        raise Qwen3ChatError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise Qwen3ChatError(f"{path} is not JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise Qwen3ChatError(f"{path} is not a saved qwen3-chat conversation")
-    return data
+    Counting every `\"\"\"` (not only a trailing one) lets a paste that holds its own
+    closing quotes, or Python docstrings, be submitted with Enter."""
+    s = text.strip()
+    return s.startswith(QUOTES) and s.count(QUOTES) % 2 == 1
 
 
 def unquote(text: str) -> str:
-    """A `\"\"\"` block: the text between the quotes."""
+    """The message in a `\"\"\"` block; any other text as typed (outer blank lines dropped).
+
+    Quotes are removed only from a real block: `\"\"\"` alone on the first line, or exactly
+    one pair around the whole text; pasted code with several docstrings is sent as is."""
     s = text.strip()
-    if s.startswith(QUOTES):
-        s = s[3:]
-        if s.endswith(QUOTES):
-            s = s[:-3]
-    return s.strip("\n")
+    if len(s) >= 6 and s.startswith(QUOTES) and s.endswith(QUOTES):
+        if s.split("\n", 1)[0].strip() == QUOTES or s.count(QUOTES) == 2:
+            return s[3:-3].strip("\n")
+    return s
 
 
 class _SlashCompleter(Completer):
+    """Command names after `/`, and setting names after `/set `."""
+
     def get_completions(self, document: Any, complete_event: Any) -> Iterator[Completion]:
         text = document.text_before_cursor
         if text.startswith("/") and " " not in text:
             for cmd in COMMANDS:
                 if cmd.startswith(text):
                     yield Completion(cmd, start_position=-len(text), display_meta=COMMANDS[cmd])
+        elif text.startswith("/set ") and text.count(" ") == 1:
+            word = text[5:]
+            for name in settings.SETTINGS:
+                if name.startswith(word):
+                    yield Completion(name, start_position=-len(word))
 
 
 def _key_bindings() -> KeyBindings:
@@ -113,9 +78,8 @@ def _key_bindings() -> KeyBindings:
     @kb.add("enter")
     def _submit(event: Any) -> None:
         buf = event.current_buffer
-        text = buf.text.strip()
         # Inside an open """ block Enter adds a line; the closing """ submits.
-        if text.startswith(QUOTES) and (len(text) < 6 or not text.endswith(QUOTES)):
+        if block_open(buf.text):
             buf.insert_text("\n")
         else:
             buf.validate_and_handle()
@@ -130,11 +94,16 @@ def _key_bindings() -> KeyBindings:
 @dataclass
 class Repl:
     session: Any
-    loaded: Any  # cli.LoadedModel
+    loaded: Any  # hub.open.LoadedModel
     open_model: Callable[..., Any]
     show_thinking: bool = False
     console: Console = field(default_factory=make_console)
+    attachments: list[Attachment] = field(default_factory=list)  # for the next message
+    resume: str | None = None  # a conversation id, or "latest"
+    store: ConversationStore = field(default_factory=ConversationStore)
+    conversation_id: str = field(default_factory=ConversationStore.new_id)
     _toolbar: str = ""
+    _save_failed: bool = False  # warned once that conversations cannot be saved
 
     # -- status ------------------------------------------------------------------------
     def _refresh_toolbar(self) -> None:
@@ -147,18 +116,77 @@ class Repl:
     def say(self, message: str, style: str = "cyan") -> None:
         self.console.print(Text(message, style=style))
 
+    # -- state -------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The conversation and its settings, as saved (/save and the autosave)."""
+        return {**self.session.to_dict(), "model": self.loaded.name}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace the session by a checked saved one, on the current model."""
+        from qwen3_chat.chat.session import ChatSession
+
+        self.session = ChatSession.from_dict(
+            self.loaded.model, self.loaded.tokenizer, data,
+            capability=self.loaded.capability, context_length=self.loaded.context_length,
+            mode_sampling=self.loaded.mode_sampling,
+        )  # fmt: skip
+
+    def autosave(self, pending: str | None = None) -> None:
+        """Save the conversation (plus a question about to be sent) under its id, atomically.
+
+        Called before a turn with the question, so a crash mid-answer loses nothing typed,
+        and after it with the answer. A failure warns once; chatting goes on."""
+        data = self.snapshot()
+        if pending is not None:
+            data["messages"].append({"role": "user", "content": pending})
+        if not data["messages"] or self._save_failed:
+            return
+        try:
+            self.store.save(self.conversation_id, data)
+        except OSError as e:
+            self._save_failed = True
+            self.say(f"warning: cannot save conversations in {self.store.root} "
+                     f"({e.strerror or e}); /save FILE still works", "yellow")  # fmt: skip
+
+    def _resume(self) -> None:
+        conv_id = self.store.latest() if self.resume == "latest" else self.resume
+        data = self.store.load(conv_id)
+        try:
+            settings.check_saved(data)
+        except Qwen3ChatError as e:
+            raise Qwen3ChatError(f"conversation {conv_id}: {e}") from None
+        self.restore(data)
+        self.conversation_id = conv_id
+        msgs = self.session.messages
+        self.say(f"resumed conversation {conv_id}: {len(msgs)} messages (/history shows them)")
+        if msgs and msgs[-1]["role"] == "user":
+            self.say("its last question has no answer yet: /retry answers it", "yellow")
+
+    def send_message(self, text: str) -> None:
+        """Send a message (with any attached files) and stream the reply."""
+        full = with_attachments(text, self.attachments)
+        self.autosave(pending=full)
+        self.generate(lambda: self.session.send(full))
+        msgs = self.session.messages
+        if any(m["role"] == "user" and m["content"] == full for m in msgs[-2:]):
+            self.attachments.clear()  # sent; a rejected message keeps them for the next try
+        self.autosave()
+
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> None:
-        path = history_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        history, warning = open_history()
         prompt: PromptSession[str] = PromptSession(
-            history=FileHistory(str(path)), completer=_SlashCompleter(),
+            history=history, completer=_SlashCompleter(),
             complete_while_typing=True, multiline=True, key_bindings=_key_bindings(),
             bottom_toolbar=lambda: self._toolbar, enable_open_in_editor=False,
         )  # fmt: skip
         self.say(f"qwen3-chat · {self.loaded.name} ({self.loaded.capability}) · "
                  "/help for commands · Esc+Enter or \"\"\" for several lines · Ctrl-D to quit",
                  "dim")  # fmt: skip
+        if warning:
+            self.say(warning, "yellow")
+        if self.resume:
+            self._resume()
         while True:
             self._refresh_toolbar()
             try:
@@ -167,16 +195,22 @@ class Repl:
                 continue  # Ctrl-C at the prompt clears the line
             except EOFError:
                 break
-            if not line.strip():
+            failure = getattr(history, "failure", None)
+            if failure and not warning:
+                warning = f"warning: {failure}; going on without history"
+                self.say(warning, "yellow")
+            text = line.strip()
+            if not text:
                 continue
-            if line.lstrip().startswith("/"):
+            if text.startswith("/") and not text.startswith("//"):
                 try:
-                    if not self.command(line.strip()):
+                    if not run_command(self, text):
                         break
                 except Qwen3ChatError as e:
-                    self.say(f"error: {e}", "red")
+                    self.say(f"error: {sanitize(str(e))}", "red")
                 continue
-            self.generate(lambda text=unquote(line): self.session.send(text))
+            message = unquote(line)
+            self.send_message(message[1:] if message.startswith("//") else message)
         self.say("bye", "dim")
 
     def generate(self, start: Callable[[], Iterator[Any]]) -> None:
@@ -218,136 +252,3 @@ class Repl:
         if close is not None:
             close()  # runs the engine's cleanup (finally blocks) now, not at GC
         self.session.abort()
-
-    # -- slash commands ----------------------------------------------------------------
-    def command(self, line: str) -> bool:
-        """Run a slash command; False means quit."""
-        name, _, arg = line.partition(" ")
-        name, arg = name.lower(), arg.strip()
-        s = self.session
-        if name in ("/exit", "/quit"):
-            return False
-        if name == "/help":
-            table = Table(show_header=False, box=None, padding=(0, 2))
-            for cmd, text in COMMANDS.items():
-                table.add_row(cmd, text)
-            self.console.print(table)
-        elif name == "/think":
-            if not s.can_think:
-                self.say(f"{self.loaded.name} cannot think (capability: never)", "yellow")
-            else:
-                s.thinking = True
-                self.say("thinking on")
-        elif name in ("/no_think", "/nothink"):
-            if s.capability == "always":
-                self.say(f"{self.loaded.name} always thinks (capability: always)", "yellow")
-            else:
-                s.thinking = False
-                self.say("thinking off")
-        elif name == "/budget":
-            self._budget(arg)
-        elif name == "/system":
-            s.system = arg or None
-            self.say(f"system prompt {'set' if arg else 'removed'}")
-        elif name == "/clear":
-            s.clear()
-            self.say("new conversation")
-        elif name == "/retry":
-            self.generate(s.retry)
-        elif name == "/undo":
-            self.say("removed the last exchange" if s.undo() else "nothing to undo")
-        elif name == "/show":
-            self._show(arg)
-        elif name == "/stats":
-            self._stats()
-        elif name == "/save":
-            self._save(arg)
-        elif name == "/load":
-            self._load(arg)
-        elif name == "/model":
-            self._switch_model(arg)
-        else:
-            hint = closest_command(name)
-            self.say(f"unknown command {name}" + (f" — did you mean {hint}?" if hint else
-                     " — /help lists the commands"), "yellow")  # fmt: skip
-        return True
-
-    def _budget(self, arg: str) -> None:
-        if arg.lower() in ("off", "none"):
-            self.session.budget = None
-            self.say("thinking budget off")
-            return
-        try:
-            value = int(arg)
-            if value < 0:
-                raise ValueError
-        except ValueError:
-            raise Qwen3ChatError("usage: /budget N (tokens, 0 or more) or /budget off") from None
-        self.session.budget = value
-        self.say(f"thinking budget {value} tokens")
-
-    def _show(self, arg: str) -> None:
-        answers = [m for m in self.session.messages if m["role"] == "assistant"]
-        if not answers:
-            raise Qwen3ChatError("no answer yet")
-        try:
-            n = int(arg) if arg else len(answers)
-        except ValueError:
-            raise Qwen3ChatError("usage: /show [N] (N counts answers from 1)") from None
-        if not 1 <= n <= len(answers):
-            raise Qwen3ChatError(f"answer {n} does not exist (there are {len(answers)})")
-        reasoning = answers[n - 1].get("reasoning_content", "")
-        self.console.print(reasoning_panel(reasoning, f"reasoning of answer {n}"))
-
-    def _stats(self) -> None:
-        st = self.session.last_stats
-        if st is None:
-            raise Qwen3ChatError("no answer yet")
-        self.say(stats_line(st), "dim")
-        self.say(f"prefill {st.prefill_tokens} tokens at {st.prefill_tps:.0f} tok/s · peak "
-                 f"memory {st.peak_memory_gb:.2f} GB · finish {st.finish_reason}"
-                 + (" · budget hit" if st.budget_hit else ""), "dim")  # fmt: skip
-
-    def _save(self, arg: str) -> None:
-        if not arg:
-            raise Qwen3ChatError("usage: /save FILE")
-        data = self.session.to_dict()
-        data["model"] = self.loaded.name
-        try:
-            save_conversation(Path(arg), data)
-        except OSError as e:
-            raise Qwen3ChatError(f"cannot write {arg}: {e.strerror or e}") from None
-        self.say(f"saved {len(data['messages'])} messages to {arg}")
-
-    def _rebuild(self, data: dict[str, Any]) -> None:
-        from qwen3_chat.chat.session import ChatSession
-
-        self.session = ChatSession.from_dict(
-            self.loaded.model, self.loaded.tokenizer, data,
-            capability=self.loaded.capability, context_length=self.session.context_length,
-        )  # fmt: skip
-
-    def _load(self, arg: str) -> None:
-        if not arg:
-            raise Qwen3ChatError("usage: /load FILE")
-        data = load_conversation(Path(arg))
-        self._rebuild(data)
-        saved_with = data.get("model")
-        other = saved_with and saved_with != self.loaded.name
-        note = f" (saved with {saved_with})" if other else ""
-        self.say(f"loaded {len(self.session.messages)} messages from {arg}{note}")
-
-    def _switch_model(self, arg: str) -> None:
-        if not arg:
-            raise Qwen3ChatError("usage: /model NAME")
-        self.say(f"loading {arg} …", "dim")
-        data = self.session.to_dict()
-        loaded = self.open_model(arg)
-        from qwen3_chat.chat.session import ChatSession
-
-        self.loaded = loaded
-        self.session = ChatSession.from_dict(loaded.model, loaded.tokenizer, data,
-                                             capability=loaded.capability,
-                                             context_length=loaded.context_length,
-                                             mode_sampling=loaded.mode_sampling)  # fmt: skip
-        self.say(f"now chatting with {loaded.name} ({loaded.capability})")

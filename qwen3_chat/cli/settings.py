@@ -1,0 +1,176 @@
+"""Chat settings the user can change mid-chat (/set) or load from a file (/load, --resume).
+
+One table of what each setting accepts, used both for typed values from a saved file and for
+text typed after /set, so a hand-edited file and a typo fail with the same clear message.
+The sampling knobs' ranges stay SamplingParams' own rules; this module adds the types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from qwen3_chat.engine.defaults import CAPABILITIES, NON_THINKING, THINKING
+from qwen3_chat.errors import Qwen3ChatError
+
+# SamplingParams' fields (a test keeps them equal): named here so that the REPL's help and
+# completion do not import MLX. Values are still checked by SamplingParams itself.
+KNOBS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty",
+         "seed")  # fmt: skip
+INT_KNOBS = frozenset({"top_k", "seed"})
+LIMITS = ("max_tokens", "budget")
+SETTINGS: tuple[str, ...] = (*KNOBS, *LIMITS)
+ALIASES = {"temp": "temperature", "max-tokens": "max_tokens"}
+UNSET = ("default", "off", "none")  # /set NAME default: back to the mode's default
+MODES = {THINKING: True, NON_THINKING: False}
+MESSAGE_FLAGS = ("interrupted", "truncated")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def check_value(name: str, value: Any) -> Any:
+    """`value` if it is valid for setting `name` (None = unset), else a clear error."""
+    if name == "max_tokens":
+        if not _is_int(value) or value < 1:
+            raise Qwen3ChatError(f"max_tokens must be a whole number of tokens, 1 or more "
+                                 f"(got {value!r})")  # fmt: skip
+    elif name == "budget":
+        if value is not None and (not _is_int(value) or value < 0):
+            raise Qwen3ChatError(f"budget must be a whole number of tokens, 0 or more, or off "
+                                 f"(got {value!r})")  # fmt: skip
+    elif name in KNOBS:
+        if value is None:
+            return None
+        if not (_is_int(value) if name in INT_KNOBS else _is_number(value)):
+            kind = "a whole number" if name in INT_KNOBS else "a number"
+            raise Qwen3ChatError(f"{name} must be {kind} (got {value!r})")
+        from qwen3_chat.engine.sampling import SamplingParams
+
+        SamplingParams.for_mode(True).replace(**{name: value})  # its own range checks
+    else:
+        raise Qwen3ChatError(f"unknown setting {name!r}: one of {', '.join(SETTINGS)}")
+    return value
+
+
+def parse_setting(name: str, text: str) -> tuple[str, Any]:
+    """`/set NAME VALUE` -> (canonical name, checked value); VALUE `default`/`off` unsets."""
+    name = ALIASES.get(name.lower(), name.lower())
+    if name not in SETTINGS:
+        raise Qwen3ChatError(f"unknown setting {name!r}: one of {', '.join(SETTINGS)}")
+    text = text.strip()
+    if not text:
+        raise Qwen3ChatError(f"usage: /set {name} VALUE")
+    if text.lower() in UNSET and name != "max_tokens":
+        return name, None
+    try:
+        value: Any = int(text) if name in INT_KNOBS or name in LIMITS else float(text)
+    except ValueError:
+        value = text  # check_value names the expected type
+    return name, check_value(name, value)
+
+
+def apply_setting(session: Any, name: str, value: Any) -> None:
+    """Set one checked value on a ChatSession; a combination it rejects changes nothing."""
+    if name == "max_tokens":
+        session.max_tokens = value
+    elif name == "budget":
+        session.budget = value
+    elif session.sampling is not None:  # fixed sampling (e.g. a saved file): edit it
+        base = type(session.sampling)()
+        session.sampling = replace(session.sampling, **{name: getattr(base, name)
+                                                        if value is None else value})
+    else:
+        old = dict(session.sampling_overrides)
+        new = {k: v for k, v in old.items() if k != name}
+        if value is not None:
+            new[name] = value
+        session.sampling_overrides = new
+        try:
+            for thinking in MODES.values():
+                session.sampling_for(thinking)
+        except Qwen3ChatError:
+            session.sampling_overrides = old
+            raise
+
+
+def _check_knobs(where: str, knobs: Any) -> None:
+    if not isinstance(knobs, dict):
+        raise Qwen3ChatError(f"{where} must be a table of sampling settings")
+    for name, value in knobs.items():
+        if name not in KNOBS:
+            raise Qwen3ChatError(f"{where}: unknown sampling setting {name!r}")
+        try:
+            check_value(name, value)
+        except Qwen3ChatError as e:
+            raise Qwen3ChatError(f"{where}: {e}") from None
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise Qwen3ChatError("messages must be a list")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise Qwen3ChatError(f"message {i} must have role user or assistant")
+        for key in ("content", "reasoning_content"):
+            if (key in m or key == "content") and not isinstance(m.get(key), str):
+                raise Qwen3ChatError(f"message {i}: {key} must be text")
+        for key in MESSAGE_FLAGS:
+            if not isinstance(m.get(key, False), bool):
+                raise Qwen3ChatError(f"message {i}: {key} must be true or false")
+
+
+def check_saved(data: Any) -> None:
+    """Every field of a saved conversation, before anything replaces the current one."""
+    from qwen3_chat.chat.session import SAVE_VERSION
+
+    if not isinstance(data, dict):
+        raise Qwen3ChatError("not a saved qwen3-chat conversation")
+    if data.get("version") != SAVE_VERSION:
+        raise Qwen3ChatError(f"unknown save version {data.get('version')!r}")
+    if data.get("system") is not None and not isinstance(data["system"], str):
+        raise Qwen3ChatError("system must be text or null")
+    if not isinstance(data.get("thinking", True), bool):
+        raise Qwen3ChatError(f"thinking must be true or false (got {data['thinking']!r})")
+    if data.get("capability", "hybrid") not in CAPABILITIES:
+        raise Qwen3ChatError(f"capability must be one of {', '.join(CAPABILITIES)}")
+    context = data.get("context_length")
+    if context is not None and (not _is_int(context) or context < 1):
+        raise Qwen3ChatError(f"context_length must be a positive whole number or null "
+                             f"(got {context!r})")  # fmt: skip
+    check_value("max_tokens", data.get("max_tokens", 1))
+    check_value("budget", data.get("budget"))
+    if data.get("sampling") is not None:
+        _check_knobs("sampling", data["sampling"])
+    _check_knobs("sampling_overrides", data.get("sampling_overrides") or {})
+    modes = data.get("mode_sampling") or {}
+    if not isinstance(modes, dict) or not set(modes) <= set(MODES):
+        raise Qwen3ChatError("mode_sampling must map thinking / non_thinking to settings")
+    for mode, knobs in modes.items():
+        _check_knobs(f"mode_sampling.{mode}", knobs)
+    _check_messages(data.get("messages"))
+
+
+def describe(session: Any, model_name: str) -> list[tuple[str, str]]:
+    """(label, value) rows for /settings: model, mode, sampling per mode, limits, system."""
+    mode = "thinking" if session.thinking else "non-thinking"
+    rows = [("model", f"{model_name} ({session.capability})"), ("mode", mode)]
+    for label, thinking in MODES.items():
+        if thinking and not session.can_think or not thinking and session.capability == "always":
+            continue
+        p = session.sampling_for(thinking)
+        seed = "random" if p.seed is None else str(p.seed)
+        rows.append((f"sampling ({label.replace('_', '-')})",
+                     f"temperature {p.temperature:g} · top_p {p.top_p:g} · top_k {p.top_k} · "
+                     f"min_p {p.min_p:g} · presence_penalty {p.presence_penalty:g} · "
+                     f"repetition_penalty {p.repetition_penalty:g} · seed {seed}"))  # fmt: skip
+    budget = "off" if session.budget is None else f"{session.budget} tokens"
+    rows.append(("limits", f"max_tokens {session.max_tokens} · budget {budget} · context "
+                           f"{session.context_used}/{session.context_length}"))  # fmt: skip
+    rows.append(("system prompt", session.system or "(none)"))
+    return rows
