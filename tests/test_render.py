@@ -50,12 +50,10 @@ def stats(reason: str = "stop", reasoning: int = 0, answer: int = 0) -> Generati
                            budget_hit=False)  # fmt: skip
 
 
-@pytest.fixture
-def term():
-    """A colour terminal of W x H on a StringIO, and a function to read back its screen."""
+def fake_terminal(out: io.StringIO):
+    """A colour terminal of W x H writing to `out`, with `lines()` to read back its screen."""
     from rich.console import Console
 
-    out = io.StringIO()
     console = Console(file=out, width=W, height=H, force_terminal=True, color_system="256",
                       highlight=False)  # fmt: skip
 
@@ -72,6 +70,11 @@ def term():
     console.lines = lines  # type: ignore[attr-defined]
     console.raw = out  # type: ignore[attr-defined]
     return console
+
+
+@pytest.fixture
+def term():
+    return fake_terminal(io.StringIO())
 
 
 def static(markdown: str) -> list[str]:
@@ -239,3 +242,72 @@ def test_interrupt_guard_defers_ctrl_c_to_the_end_of_a_redraw():
         assert done == ["the redraw finished"]
     assert signal.getsignal(signal.SIGINT) is previous
 
+
+
+# -- Ctrl-C landing anywhere in a REPL turn (a real session on the tiny real-vocab model) ----
+class CtrlCInRedraw(io.StringIO):
+    """A terminal where Ctrl-C arrives in the middle of the `at`-th write (a redraw)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.writes = at, 0
+
+    def write(self, text: str) -> int:
+        done = super().write(text)
+        self.writes += 1
+        if self.writes == self.at:  # written, but the renderer has not taken note yet
+            signal.raise_signal(signal.SIGINT)  # (the handler runs at once)
+        return done
+
+
+def repl_turn(tiny, console, stop_after: int | None):
+    """One REPL turn; with `stop_after`, Ctrl-C lands inside the engine after that many
+    events (0: before the first, i.e. in the prefill)."""
+    from qwen3_chat import ChatSession
+    from qwen3_chat.cli.repl import Repl
+
+    model, tok = tiny
+    session = ChatSession(model, tok, thinking=False, max_tokens=60,
+                          sampling_overrides={"seed": 0})  # fmt: skip
+    repl = Repl(session, loaded=None, open_model=None, console=console)
+
+    def start():
+        events = session.send("hello")
+        if stop_after == 0:
+            events.throw(KeyboardInterrupt)
+        for i, ev in enumerate(events, 1):
+            yield ev
+            if i == stop_after:
+                events.throw(KeyboardInterrupt)  # raised where the engine is suspended
+
+    repl.generate(start)
+    return session
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 25])
+def test_ctrl_c_anywhere_in_the_engine_leaves_screen_and_conversation_sound(tiny, term,
+                                                                           stop_after):
+    session = repl_turn(tiny, term, stop_after)
+    shown = term.lines()
+    assert shown[-1] == "[interrupted]"
+    messages = session.messages
+    if stop_after == 0:  # no word yet: the question is taken back
+        assert messages == () and shown == ["[interrupted]"]
+    else:
+        user, reply = messages
+        assert reply["interrupted"] and reply["content"]
+        assert shown[:-1] == static(reply["content"])  # the partial answer, once
+
+
+@pytest.mark.parametrize("at", range(2, 12))
+def test_ctrl_c_in_the_middle_of_a_redraw_waits_for_it(tiny, monkeypatch, at):
+    monkeypatch.setattr(render, "REFRESH_S", 0)
+    out = CtrlCInRedraw(at)
+    console = fake_terminal(out)
+    session = repl_turn(tiny, console, None)
+    assert out.writes > at  # it went on to clean up after the Ctrl-C
+    shown = console.lines()
+    assert shown[-1] == "[interrupted]"
+    user, reply = session.messages
+    assert reply["interrupted"] and reply["content"]
+    assert shown[:-1] == static(reply["content"])
