@@ -1,6 +1,7 @@
 """A local HTTP server speaking the part of the Hugging Face Hub protocol huggingface_hub uses:
 revision info, the recursive tree, and `resolve` with HEAD/GET, ETag / X-Linked-Etag,
-X-Repo-Commit and Range. Failure modes are switched on per test (drop, corrupt, gated)."""
+X-Repo-Commit and Range. Failure modes are switched on per test (drop, corrupt, gated, stall).
+Every request is recorded as "METHOD /path" plus " Range: bytes=N-" when one was asked for."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Repo:
     lfs_min: int = 1024  # files this big are "LFS": their ETag is the sha256
     drop_once: set[str] = field(default_factory=set)  # GET sends half, then hangs up
     corrupt: set[str] = field(default_factory=set)  # GET serves bytes not matching the ETag
+    # GET of a full file sends this many bytes, then holds the connection open until the
+    # server's `release` event (or shutdown): a transfer caught in the middle.
+    stall: dict[str, int] = field(default_factory=dict)
 
     def is_lfs(self, path: str) -> bool:
         return len(self.files[path]) >= self.lfs_min
@@ -44,6 +48,8 @@ class Hub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []
+        self.stalled = threading.Event()  # set once a stalled transfer has sent its bytes
+        self.release = threading.Event()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
@@ -55,6 +61,7 @@ class Hub(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.shutdown()
         self.server_close()
 
@@ -93,7 +100,9 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        self.server.requests.append(f"{self.command} {self.path}")
+        asked = self.headers.get("Range")
+        self.server.requests.append(f"{self.command} {self.path}"
+                                    + (f" Range: {asked}" if asked else ""))  # fmt: skip
         if m := API.match(self.path):
             repo = self._repo(m.group(1))
             if repo is None:
@@ -142,6 +151,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command == "HEAD":
+            return
+        if not start and path in repo.stall:
+            self.wfile.write(body[: repo.stall[path]])
+            self.wfile.flush()
+            self.server.stalled.set()
+            self.server.release.wait()
+            self.close_connection = True
             return
         if path in repo.drop_once:
             repo.drop_once.discard(path)

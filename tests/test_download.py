@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +32,29 @@ def hub(ckpt):
         yield server
 
 
-def qwen3(*args: str, endpoint: str | None = None, **env: str) -> subprocess.CompletedProcess:
+def _env(endpoint: str | None, env: dict[str, str]) -> dict[str, str]:
     full = {**os.environ, **env}
     if endpoint:
         full["HF_ENDPOINT"] = endpoint
     full.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     full.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "5")
+    return full
+
+
+def qwen3(*args: str, endpoint: str | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen3_chat", *args], capture_output=True,
-                          text=True, env=full, timeout=120)  # fmt: skip
+                          text=True, env=_env(endpoint, env), timeout=120)  # fmt: skip
+
+
+def biggest(hub: Hub) -> str:
+    files = hub.repos[REPO].files
+    return max(files, key=lambda p: len(files[p]))
+
+
+def range_starts(hub: Hub, name: str) -> list[int]:
+    """The N of every `Range: bytes=N-` GET the server received for file `name`."""
+    return [int(m.group(1)) for q in hub.requests if q.startswith("GET") and f"/{name} " in q
+            and (m := re.search(r"Range: bytes=(\d+)-", q))]  # fmt: skip
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -66,16 +84,46 @@ def test_full_download_then_loads(hub, ckpt):
 
 
 def test_resume_after_a_dropped_connection(hub, ckpt):
-    big = max(hub.repos[REPO].files, key=lambda p: len(hub.repos[REPO].files[p]))
+    big = biggest(hub)
     hub.repos[REPO].drop_once.add(big)
     r = qwen3("download", REPO, endpoint=hub.url)
-    if r.returncode != 0:  # the client gave up on the broken transfer: run it again
-        r = qwen3("download", REPO, endpoint=hub.url)
     assert r.returncode == 0, r.stderr
     path = Path(r.stdout.strip())
     assert (path / big).read_bytes() == (ckpt / big).read_bytes()
-    ranged = [q for q in hub.requests if q.startswith("GET") and big in q]
-    assert len(ranged) >= 2  # the file was fetched again after the drop
+    # The server sent half the file before hanging up: the client kept what it had written
+    # and asked for the rest only (N > 0), never for the whole file again.
+    (start,) = range_starts(hub, big)
+    assert 0 < start <= len(hub.repos[REPO].files[big]) // 2
+    assert len([q for q in hub.requests if q.startswith("GET") and f"/{big}" in q]) == 2
+
+
+def test_ctrl_c_stops_promptly_and_the_next_run_resumes(hub, ckpt):
+    big = biggest(hub)
+    sent = len(hub.repos[REPO].files[big]) // 3
+    hub.repos[REPO].stall[big] = sent
+    # A long read timeout: the stalled transfer must end by Ctrl-C, not by a timeout.
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3_chat", "download", REPO],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(hub.url, {"HF_HUB_DOWNLOAD_TIMEOUT": "120"}))  # fmt: skip
+    try:
+        assert hub.stalled.wait(90), "the download never reached the stalled file"
+        blobs = Path(os.environ["HF_HOME"]) / "hub" / "models--Qwen--Qwen3-Tiny" / "blobs"
+        deadline = time.monotonic() + 30  # until the client has written what it received
+        while sum(p.stat().st_size for p in blobs.glob("*.incomplete")) < sent:
+            assert time.monotonic() < deadline and proc.poll() is None, "partial file not written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=3)  # "promptly": well before any read timeout
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert any(p.stat().st_size == sent for p in blobs.glob("*.incomplete"))  # kept
+    del hub.repos[REPO].stall[big]
+    r = qwen3("download", REPO, endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    assert (Path(r.stdout.strip()) / big).read_bytes() == (ckpt / big).read_bytes()
+    assert range_starts(hub, big) == [sent]
+    assert not list(blobs.glob("*.incomplete"))
 
 
 def test_not_found(hub):

@@ -1,26 +1,35 @@
 """Finding and fetching models: aliases, repo ids and folders; verified Hub downloads.
 
-Downloads go through huggingface_hub's `snapshot_download` (the standard cache, HF_HOME,
-HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT, resumable transfers). It does not
-check content hashes, so every large file is hashed against the Hub's ETag here, and the
-folder is verified before it is ever presented as a model.
+Files come into the standard Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_TOKEN,
+HF_HUB_OFFLINE, HF_ENDPOINT) through `hub.fetch`, which resumes partial files across runs and
+hashes every file against the id the Hub lists it by. A snapshot is verified (hashes, config,
+shard index, header shapes) before it is ever presented as a model, and the "verified"
+marker is bound to the files it checked (`hub.state`).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3_chat.errors import DownloadError, Qwen3ChatError
+from qwen3_chat.hub.fetch import ALLOW_PATTERNS, fetch_snapshot, hash_file, list_files, storage
 from qwen3_chat.hub.registry import DEMO_ALIAS, ModelEntry, load_registry
-from qwen3_chat.weights.verify import SHA256, sha256_of, verify_model_dir
+from qwen3_chat.hub.state import (
+    read_marker,
+    remove_markers,
+    stale_files,
+    state_dir,
+    write_marker,
+)
+from qwen3_chat.models.config import BITS, DEFAULT_BITS, ORIGINAL_BITS, QUANT_BITS, check_bits
+from qwen3_chat.weights.verify import SHA256, verify_model_dir
 
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab.*", "merges.txt"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-DEFAULT_BITS = 4
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -29,13 +38,9 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def _state_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qwen3-chat"
-
-
 def converted_dir(repo_id: str, bits: int) -> Path:
-    return _state_dir() / "converted" / f"{repo_id.replace('/', '--')}-{bits}bit"
+    """Where an alias with no MLX repo at `bits` is quantized to locally."""
+    return state_dir() / "converted" / f"{repo_id.replace('/', '--')}-{bits}bit"
 
 
 Resolved = tuple[str | None, Path | None, ModelEntry | None]
@@ -86,29 +91,46 @@ def _hub_error(repo_id: str, error: Exception, label: str | None = None) -> Down
     return DownloadError(f"download of {repo_id} failed: {error}")
 
 
-def _verified_marker(snapshot: Path) -> Path:
-    return _state_dir() / "verified" / f"{snapshot.parent.parent.name}--{snapshot.name}.json"
+def _local_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot for a repo (no network); raises huggingface_hub's not-cached error."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS),
+                                  local_files_only=True))  # fmt: skip
 
 
-def _check_hashes(repo_id: str, snapshot: Path, revision: str) -> None:
-    """sha256 of every LFS file against the Hub's X-Linked-Etag; bad blobs are deleted."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+def repair_hint(label: str) -> str:
+    """What to run when a cached model is broken: remove it and fetch it again."""
+    return f"run `qwen3 rm {label} && qwen3 download {label}`"
 
-    for f in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-        rel = f.relative_to(snapshot).as_posix()
-        meta = get_hf_file_metadata(hf_hub_url(repo_id, rel, revision=revision))
-        expected = (meta.etag or "").strip('"')
-        if not SHA256.match(expected):
-            continue  # small git-stored files carry a git blob id, not a sha256
-        got = sha256_of(f)
+
+def _recheck(repo_id: str, snapshot: Path, label: str) -> bool:
+    """Whether `snapshot` was verified; files changed since are re-hashed first (no network).
+
+    The expected hash is the one the marker recorded (also the blob's name in the cache)."""
+    stale = stale_files(snapshot)
+    if stale is None:
+        return False
+    if not stale:
+        return True
+    for rel, expected in stale.items():
+        file = snapshot / rel
+        lfs = bool(SHA256.match(expected))
+        try:
+            got = hash_file(file, lfs)
+        except OSError:
+            raise DownloadError(f"{rel} of {label} is missing from the cache; "
+                                f"{repair_hint(label)}") from None  # fmt: skip
         if got != expected:
-            blob = f.resolve()
-            f.unlink()
-            blob.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{rel}: sha256 mismatch (expected {expected[:12]}…, got {got[:12]}…); "
-                "the corrupted file was removed, run the download again"
-            )
+            raise DownloadError(f"{rel} of {label} changed on disk since it was verified; "
+                                f"{repair_hint(label)}")  # fmt: skip
+    write_marker(repo_id, snapshot, stale | _marked_hashes(snapshot))
+    return True
+
+
+def _marked_hashes(snapshot: Path) -> dict[str, str]:
+    data = read_marker(snapshot)
+    return {rel: info["hash"] for rel, info in data.items()} if data else {}
 
 
 def download(
@@ -116,70 +138,120 @@ def download(
 ) -> Path:
     """Fetch (or resume) a repo into the HF cache, verify it, and return its snapshot.
 
+    Every file is hashed against the id the Hub lists it by (sha256 for LFS files, the git
+    blob sha1 for small ones). Progress bars appear only when stderr is a terminal.
     `label` is what the user typed (an alias), used in messages."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
     validate_repo_id(repo_id)
-    if not progress:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    label = label or repo_id
+    if constants.HF_HUB_OFFLINE:
+        try:
+            path = _local_snapshot(repo_id, revision)
+        except Exception as e:  # noqa: BLE001 - "not cached" comes in several shapes
+            raise _hub_error(repo_id, e, label) from None
+        if not _recheck(repo_id, path, label):
+            verify_model_dir(path)
+            write_marker(repo_id, path, _blob_hashes(path))
+        return path
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        commit, files = list_files(repo_id, revision)
+        snapshot = storage(repo_id) / "snapshots" / commit
+        stale = stale_files(snapshot)
+        trusted = set() if stale is None else {f.path for f in files} - set(stale)
+        path = fetch_snapshot(repo_id, commit, files, revision=revision, verified=trusted,
+                              progress=progress)  # fmt: skip
+    except DownloadError:
+        raise
     except Exception as e:  # noqa: BLE001 - HTTP client errors differ across hub versions
         raise _hub_error(repo_id, e, label) from None
-    marker = _verified_marker(path)
-    if not marker.exists():
-        if not constants.HF_HUB_OFFLINE:
-            try:
-                _check_hashes(repo_id, path, path.name)
-            except DownloadError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise _hub_error(repo_id, e) from None
-        verify_model_dir(path)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"repo": repo_id, "snapshot": str(path)}))
+    verify_model_dir(path)
+    write_marker(repo_id, path, {f.path: f.hash for f in files})
     return path
+
+
+def _blob_hashes(snapshot: Path) -> dict[str, str]:
+    """rel path -> hash for a cached snapshot, read from its links (blobs are named by hash)."""
+    return {p.relative_to(snapshot).as_posix(): Path(os.readlink(p)).name
+            for p in snapshot.rglob("*") if p.is_symlink()}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A verified folder on disk and the bits of its weights (16 = the original)."""
+
+    path: Path
+    bits: int
+
+
+def _variants(entry: ModelEntry, bits: int | None) -> list[int]:
+    """Bits to look for on disk: the ones asked for, else the preferred bits first."""
+    if bits is not None:
+        return [bits]
+    return [DEFAULT_BITS, *(b for b in BITS if b != DEFAULT_BITS)]
+
+
+def _cached_snapshot(repo_id: str, label: str) -> Path | None:
+    """The verified cached snapshot of `repo_id`, or None (changed files are re-hashed)."""
+    try:
+        path = _local_snapshot(repo_id, None)
+    except Exception:  # noqa: BLE001 - "not cached" comes in several shapes
+        return None
+    return path if _recheck(repo_id, path, label) else None
+
+
+def find_local(name: str, *, bits: int | None = None) -> LocalModel | None:
+    """The verified copy of `name` already on disk, or None; no network.
+
+    With no `bits`, an alias uses whichever variant is on disk (the default bits first,
+    then 8, then the original), so `download X --bits 8` then `chat -m X` fetches nothing."""
+    if bits is not None:
+        check_bits(bits)
+    repo_id, local, entry = resolve(name, bits)
+    if local is not None:
+        return LocalModel(local, bits or ORIGINAL_BITS)
+    if entry is None:
+        path = _cached_snapshot(repo_id, name)
+        return LocalModel(path, bits or DEFAULT_BITS) if path else None
+    for b in _variants(entry, bits):
+        label = name if bits is None else f"{name} --bits {b}"
+        repo = entry.repo_for(b)
+        if repo is not None:
+            path = _cached_snapshot(repo, label)
+        else:
+            conv = converted_dir(entry.repo, b)
+            path = conv if (conv / "config.json").is_file() else None
+        if path is not None:
+            return LocalModel(path, b)
+    return None
 
 
 def resolve_local(name: str, *, bits: int | None = None) -> Path | None:
     """The folder for `name` if it is already on disk and verified, else None."""
-    repo_id, local, entry = resolve(name, bits)
-    if local is not None:
-        return local
-    if repo_id is None:
-        conv = converted_dir(entry.repo, bits or DEFAULT_BITS)
-        return conv if (conv / "config.json").exists() else None
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS,
-                                      local_files_only=True))  # fmt: skip
-    except Exception:  # noqa: BLE001 - "not cached" comes in several shapes
-        return None
-    return path if _verified_marker(path).exists() else None
+    found = find_local(name, bits=bits)
+    return found.path if found else None
 
 
 def ensure_model(
     name: str, *, bits: int | None = None, revision: str | None = None, progress: bool = True
 ) -> Path:
     """A verified local folder for `name`, downloading (and converting) it if needed."""
-    if bits not in (None, 4, 8, 16):
-        raise Qwen3ChatError(f"bits must be 4, 8 or 16, not {bits}")
+    if bits is not None:
+        check_bits(bits)
     repo_id, local, entry = resolve(name, bits)
     if local is not None:
         return local
-    if revision is None and (found := resolve_local(name, bits=bits)) is not None:
-        return found
+    if revision is None and (found := find_local(name, bits=bits)) is not None:
+        return found.path
     label = name if bits in (None, DEFAULT_BITS) else f"{name} --bits {bits}"
     if repo_id is not None:
         return download(repo_id, revision=revision, progress=progress, label=label)
     # No published MLX repo at these bits: fetch the original and quantize it here.
     from qwen3_chat.weights.convert import convert
 
+    bits = bits or DEFAULT_BITS
     src = download(entry.repo, revision=revision, progress=progress, label=label)
-    return convert(src, converted_dir(entry.repo, bits or DEFAULT_BITS), bits or DEFAULT_BITS)
+    return convert(src, converted_dir(entry.repo, bits), bits)
 
 
 def cached_repos() -> dict[str, tuple[Path, int]]:
@@ -200,10 +272,13 @@ def cached_repos() -> dict[str, tuple[Path, int]]:
 
 
 def remove(name: str, *, bits: int | None = None) -> list[str]:
-    """Delete a model's files from the cache; returns what was removed."""
+    """Delete a model's files from the cache, and what we knew about them (verified
+    markers, partial downloads); returns what was removed."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
+    if bits is not None:
+        check_bits(bits)
     repo_id, local, entry = resolve(name, bits)
     if local is not None and entry is None:
         raise Qwen3ChatError(f"{name} is a folder of yours; delete it yourself if you mean to")
@@ -219,10 +294,13 @@ def remove(name: str, *, bits: int | None = None) -> list[str]:
         if repo.repo_id in targets:
             info.delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
             removed.append(repo.repo_id)
+    for target in targets:
+        remove_markers(target)  # a marker must never vouch for a later download
+        blobs = storage(target) / "blobs"
+        for part in blobs.glob("*.incomplete") if blobs.is_dir() else []:
+            part.unlink(missing_ok=True)
     if entry is not None:
-        import shutil
-
-        for b in (4, 8):
+        for b in QUANT_BITS:
             conv = converted_dir(entry.repo, b)
             if conv.exists() and (bits in (None, b)):
                 shutil.rmtree(conv)

@@ -45,12 +45,18 @@ def write_marker(repo_id: str, snapshot: Path, hashes: dict[str, str]) -> None:
     write_json(marker_path(snapshot), {"repo": repo_id, "snapshot": str(snapshot), "files": files})
 
 
+def read_marker(snapshot: Path) -> dict[str, Any] | None:
+    """rel path -> {"hash", "stamp"} as verified; None if never verified (or unreadable)."""
+    data = _read(marker_path(snapshot))
+    files = data.get("files") if isinstance(data, dict) else None
+    return files if isinstance(files, dict) else None
+
+
 def stale_files(snapshot: Path) -> dict[str, str] | None:
     """Files changed since the snapshot was verified (rel -> expected hash); None if never
     verified (or the marker is unreadable), {} when everything is as it was checked."""
-    data = _read(marker_path(snapshot))
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, dict):
+    files = read_marker(snapshot)
+    if files is None:
         return None
     stale: dict[str, str] = {}
     for rel, info in files.items():
