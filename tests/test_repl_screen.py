@@ -184,3 +184,18 @@ def test_ctrl_c_with_type_ahead_leaves_a_clean_screen(tmp_path, rambler, think):
         assert_each_line_once(partial)
     reply = json.loads((tmp_path / "c.json").read_text())["messages"][1]
     assert reply["interrupted"] and (reply.get("reasoning_content") if think else reply["content"])
+
+
+def test_keys_typed_during_an_answer_wait_for_the_next_prompt(tmp_path, rambler):
+    term = Screen(["-m", str(rambler), "--no-think", "--seed", "7", "--max-tokens", "300"],
+                  tmp_path)  # fmt: skip
+    term.prompt()
+    term.send("hello")
+    term.expect(r"\x1b\[\?25l")  # the answer is streaming
+    term.child.send("next question")  # not echoed into the answer...
+    term.expect("tok/s")
+    term.prompt()  # ...but waiting in the next prompt
+    shown = term.lines()
+    assert [ln for ln in shown if "next question" in ln] == ["› next question"]
+    term.child.send("\x15/exit\r")  # Ctrl-U clears the line
+    assert term.close() == 0
