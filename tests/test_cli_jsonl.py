@@ -79,3 +79,14 @@ def test_lines_arrive_while_generating(tmp_path, qwen3_tokenizer_dir):
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_json_lines_never_carry_terminal_controls():
+    """json escapes only C0; DEL and C1 (U+009B is a one-character CSI) must be escaped too."""
+    from qwen3_chat.cli.oneshot import json_line
+
+    text = "ok\x1b]0;title\x07\x9b2J\x7f\x85 é ✓"
+    line = json_line({"answer": text})
+    assert json.loads(line) == {"answer": text}
+    assert not [c for c in line if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F]
+    assert "é ✓" in line  # non-ASCII stays readable

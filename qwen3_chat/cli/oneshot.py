@@ -7,6 +7,7 @@ line go to stderr.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, TextIO
 
@@ -57,10 +58,19 @@ def event_object(ev: Any, model: str) -> dict[str, Any] | None:
     return None
 
 
+# json escapes only U+0000-U+001F; DEL and the C1 range (e.g. U+009B, a one-character CSI)
+# would still reach a terminal raw, so they are written as \u escapes too (same JSON value).
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f]")
+
+
+def json_line(obj: dict[str, Any]) -> str:
+    """One JSON object, readable (non-ASCII kept) yet free of any terminal control character."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _write_line(out: TextIO, obj: dict[str, Any]) -> None:
-    # ensure_ascii=False keeps text readable; json still escapes control characters, so
-    # model output can never reach a terminal as escape sequences this way.
-    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    out.write(json_line(obj) + "\n")
     out.flush()  # a tool reading the pipe sees each event as it happens
 
 
