@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints import make_checkpoint, tiny_config
+from checkpoints import REAL_VOCAB, make_checkpoint, tiny_config
 from hub_server import Hub, repo_from_folder
 
 REPO = "Qwen/Qwen3-Tiny"
@@ -23,6 +23,13 @@ REPO = "Qwen/Qwen3-Tiny"
 def ckpt(tmp_path, qwen3_tokenizer_dir) -> Path:
     return make_checkpoint(tmp_path / "src", tiny_config(hidden_size=128, intermediate_size=256),
                            shards=2, tokenizer_dir=qwen3_tokenizer_dir)  # fmt: skip
+
+
+@pytest.fixture
+def chatty(tmp_path, qwen3_tokenizer_dir) -> Path:
+    """A checkpoint `qwen3 chat` can answer with: the real vocabulary (tied, so it stays small)."""
+    cfg = tiny_config(vocab_size=REAL_VOCAB, tie_word_embeddings=True)
+    return make_checkpoint(tmp_path / "chatty", cfg, tokenizer_dir=qwen3_tokenizer_dir)
 
 
 @pytest.fixture
@@ -220,3 +227,100 @@ def test_convert_without_or_with_a_broken_config(ckpt, tmp_path):
     one_line_error(qwen3("convert", str(ckpt), "--bits", "4", "--out", str(tmp_path / "b")),
                    "config.json", "not valid JSON")  # fmt: skip
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _marker_files() -> list[Path]:
+    return list((Path(os.environ["XDG_CACHE_HOME"]) / "qwen3-chat" / "verified").glob("*.json"))
+
+
+def test_rm_forgets_the_verification(hub):
+    assert qwen3("download", REPO, endpoint=hub.url).returncode == 0
+    assert _marker_files()
+    assert qwen3("rm", REPO).returncode == 0
+    assert not _marker_files()
+    hub.repos[REPO].corrupt.add(biggest(hub))  # the same commit, now served corrupted
+    one_line_error(qwen3("download", REPO, endpoint=hub.url), "sha256 mismatch")
+
+
+def test_a_file_changed_since_verification_is_rehashed(hub):
+    r = qwen3("download", REPO, endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    cfg = Path(r.stdout.strip()) / "generation_config.json"  # a small (non-LFS) file
+    cfg.write_bytes(cfg.read_bytes().replace(b"{", b"[", 1))  # through the link: the blob
+    line = one_line_error(qwen3("download", REPO, HF_HUB_OFFLINE="1"), "generation_config.json")
+    assert f"qwen3 rm {REPO} && qwen3 download {REPO}" in line
+    # Online, `download` re-hashes it, throws the changed blob away and fetches it again.
+    r = qwen3("download", REPO, endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    assert cfg.read_bytes() == hub.repos[REPO].files["generation_config.json"]
+
+
+def test_small_files_are_checked_against_their_git_blob_id(hub):
+    assert len(hub.repos[REPO].files["generation_config.json"]) < hub.repos[REPO].lfs_min
+    hub.repos[REPO].corrupt.add("generation_config.json")
+    one_line_error(qwen3("download", REPO, endpoint=hub.url),
+                   "generation_config.json", "git blob sha1 mismatch")  # fmt: skip
+
+
+def chat(model: str, endpoint: str, **env: str) -> subprocess.CompletedProcess:
+    return qwen3("chat", "-m", model, "--max-tokens", "1", "--no-think", "hi",
+                 endpoint=endpoint, **env)  # fmt: skip
+
+
+def test_load_failure_from_the_cache_suggests_rm_and_download(hub, chatty, tmp_path):
+    import mlx.core as mx
+
+    from qwen3_chat.weights.convert import convert
+
+    q4 = convert(chatty, tmp_path / "q4", 4)
+    weights = mx.load(str(q4 / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]  # its scales stay: verify passes
+    mx.save_safetensors(str(q4 / "model.safetensors"), weights, metadata={"format": "mlx"})
+    hub.repos[REPO] = repo_from_folder(q4)
+    assert qwen3("download", REPO, endpoint=hub.url).returncode == 0
+    line = one_line_error(chat(REPO, hub.url), "model.layers.1.mlp.up_proj.weight")
+    assert f"qwen3 rm {REPO} && qwen3 download {REPO}" in line
+
+
+def test_progress_bars_only_on_a_terminal(hub, chatty):
+    hub.repos[REPO] = repo_from_folder(chatty)
+    r = chat(REPO, hub.url)  # stderr is a pipe here
+    assert r.returncode == 0, r.stderr
+    assert "%|" not in r.stderr and "\r" not in r.stderr, r.stderr
+
+
+def _user_registry(text: str) -> None:
+    user = Path(os.environ["XDG_CONFIG_HOME"]) / "qwen3-chat" / "models.toml"
+    user.parent.mkdir(parents=True, exist_ok=True)
+    user.write_text(text)
+
+
+def test_chat_uses_the_variant_already_on_disk(hub, chatty):
+    hub.repos[REPO] = repo_from_folder(chatty)
+    _user_registry('[models.tiny]\nrepo = "Qwen/Qwen3-Tiny-Original"\n'
+                   f'mlx = {{ 4 = "Qwen/Qwen3-Tiny-4bit", 8 = "{REPO}" }}\n')  # fmt: skip
+    assert qwen3("download", "tiny", "--bits", "8", endpoint=hub.url).returncode == 0
+    r = chat("tiny", "http://127.0.0.1:9")  # nothing reachable: only what is on disk
+    assert r.returncode == 0, r.stderr
+    r = chat("tiny", "http://127.0.0.1:9", HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr
+    assert not any("4bit" in q for q in hub.requests)
+
+
+def test_models_lists_converted_folders_in_full(ckpt, tmp_path):
+    out = tmp_path / ("a-folder-name-long-enough-to-be-cut-" * 3) / "Qwen3-Tiny-4bit"
+    assert qwen3("convert", str(ckpt), "--bits", "4", "--out", str(out)).returncode == 0
+    r = qwen3("models", COLUMNS="60")  # piped: nothing is cut to the width
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout and "…" not in r.stdout
+    import shutil
+
+    shutil.rmtree(out)
+    assert str(out) not in qwen3("models").stdout  # gone from disk: no longer listed
+
+
+def test_malformed_user_registry_does_not_block_demo():
+    _user_registry('[models.broken]\nrepo = "no-slash"\n')
+    r = qwen3("chat", "-m", "demo", "--max-tokens", "1", "--no-think", "hi")
+    assert r.returncode == 0, r.stderr
+    one_line_error(qwen3("chat", "-m", "qwen3-8b", "hi"), "models.broken", "owner/name")

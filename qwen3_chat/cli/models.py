@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.models.config import BITS, DEFAULT_BITS, ORIGINAL_BITS, QUANT_BITS, check_bits
+
+BITS_HELP = f"One of {', '.join(map(str, BITS))}; {ORIGINAL_BITS} is the original weights."
 
 
 def _size(n: float) -> str:
@@ -20,14 +24,13 @@ def _size(n: float) -> str:
 
 def download(
     model: str = typer.Argument(..., help="An alias from `qwen3 models` or a repo id."),
-    bits: int = typer.Option(4, "--bits", help="4 or 8 (MLX quantized) or 16 (original)."),
+    bits: int = typer.Option(DEFAULT_BITS, "--bits", help=BITS_HELP),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
 ) -> None:
     """Download a model into the Hugging Face cache and verify it."""
     from qwen3_chat.hub import download as hub
 
-    if bits not in (4, 8, 16):
-        raise Qwen3ChatError(f"--bits must be 4, 8 or 16, not {bits}")
+    check_bits(bits, what="--bits")
     if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
         raise Qwen3ChatError(f"{model} is a path: download takes an alias or a repo id")
     path = hub.ensure_model(model, bits=bits, revision=revision, progress=sys.stderr.isatty())
@@ -36,38 +39,41 @@ def download(
         typer.echo(str(path))
 
 
+def _on_disk(row: Any) -> str:
+    if row.built_in:
+        return f"built in ({_size(row.copies[0].size)})"
+    return ", ".join(f"{c.bits}-bit {_size(c.size)} at {c.path}" for c in row.copies) or "-"
+
+
 def models() -> None:
     """List the known models, their size and whether each is downloaded."""
-    from rich.console import Console
-    from rich.table import Table
+    from qwen3_chat.hub.inventory import model_rows
 
-    from qwen3_chat.hub import download as hub
-    from qwen3_chat.hub.registry import load_registry
+    header = ("alias", "kind", f"{DEFAULT_BITS}-bit", "thinking", "context", "downloaded")
+    lines = []
+    for row in model_rows():
+        name = f"{row.alias} (default)" if row.default else row.alias
+        gb = f"{row.download_gb:g} GB" if row.download_gb else "-"
+        context = f"{row.context_length // 1024}K" if row.context_length else "-"
+        lines.append((name, row.kind, gb, row.capability, context, _on_disk(row)))
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
 
-    registry = load_registry()
-    cached = hub.cached_repos()
-    table = Table(box=None, pad_edge=False)
-    table.add_column("alias", no_wrap=True)
-    for col in ("kind", "4-bit", "thinking", "context", "downloaded"):
-        table.add_column(col)
-    for alias, e in registry.entries.items():
-        if e.local is not None:
-            on_disk = f"built in ({_size(sum(p.stat().st_size for p in e.local.iterdir()))})"
-        else:
-            have = [(bits, cached[r]) for bits, r in sorted(e.mlx.items()) if r in cached]
-            if e.repo in cached:
-                have.append((16, cached[e.repo]))
-            on_disk = ", ".join(f"{b}-bit {_size(size)} at {path}" for b, (path, size) in have)
-        name = f"{alias} (default)" if alias == registry.default else alias
-        gb = e.download_gb.get(4)
-        table.add_row(name, e.kind, f"{gb:g} GB" if gb else "-", e.capability,
-                      f"{e.context_length // 1024}K", on_disk or "-")  # fmt: skip
-    Console(no_color=None, soft_wrap=True).print(table)
+        table = Table(*header, box=None, pad_edge=False)
+        for line in lines:
+            table.add_row(*line)
+        Console(soft_wrap=True).print(table)
+        return
+    # Piped: plain aligned columns, nothing cut to a terminal width (paths stay whole).
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    for r in [header, *lines]:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def rm(
     model: str = typer.Argument(..., help="An alias or repo id to delete from the cache."),
-    bits: int | None = typer.Option(None, "--bits", help="Only this variant (4, 8 or 16)."),
+    bits: int | None = typer.Option(None, "--bits", help=f"Only this variant ({BITS_HELP})"),
 ) -> None:
     """Delete a downloaded model from the cache."""
     from qwen3_chat.hub import download as hub
@@ -78,7 +84,7 @@ def rm(
 
 def convert(
     src: Path = typer.Argument(..., help="A local original (unquantized) Qwen3 folder."),
-    bits: int = typer.Option(..., "--bits", help="4 or 8."),
+    bits: int = typer.Option(..., "--bits", help=f"One of {', '.join(map(str, QUANT_BITS))}."),
     out: Path = typer.Option(..., "--out", help="The folder to create."),
 ) -> None:
     """Quantize an original checkpoint into an MLX-community-compatible folder."""

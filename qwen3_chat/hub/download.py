@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3_chat.errors import DownloadError, Qwen3ChatError
-from qwen3_chat.hub.fetch import ALLOW_PATTERNS, fetch_snapshot, hash_file, list_files, storage
+from qwen3_chat.hub.fetch import (
+    ALLOW_PATTERNS,
+    cached_repo,
+    fetch_snapshot,
+    hash_file,
+    list_files,
+    storage,
+)
 from qwen3_chat.hub.registry import DEMO_ALIAS, ModelEntry, load_registry
 from qwen3_chat.hub.state import (
     read_marker,
@@ -102,6 +109,12 @@ def _local_snapshot(repo_id: str, revision: str | None) -> Path:
 def repair_hint(label: str) -> str:
     """What to run when a cached model is broken: remove it and fetch it again."""
     return f"run `qwen3 rm {label} && qwen3 download {label}`"
+
+
+def cache_repair_hint(path: Path) -> str | None:
+    """The repair hint for a folder that is a snapshot in the Hugging Face cache, else None."""
+    repo_id = cached_repo(path)
+    return repair_hint(repo_id) if repo_id else None
 
 
 def _recheck(repo_id: str, snapshot: Path, label: str) -> bool:
@@ -241,7 +254,11 @@ def ensure_model(
     repo_id, local, entry = resolve(name, bits)
     if local is not None:
         return local
-    if revision is None and (found := find_local(name, bits=bits)) is not None:
+    try:
+        found = find_local(name, bits=bits) if revision is None else None
+    except DownloadError:  # a cached file changed: the download below re-hashes and repairs it
+        found = None
+    if found is not None:
         return found.path
     label = name if bits in (None, DEFAULT_BITS) else f"{name} --bits {bits}"
     if repo_id is not None:

@@ -68,6 +68,20 @@ def storage(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
 
 
+def cached_repo(path: Path) -> str | None:
+    """"Owner/Name" when `path` is a snapshot folder in the Hugging Face cache, else None."""
+    from huggingface_hub import constants
+
+    try:
+        rel = Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+    except ValueError:
+        return None
+    parts = rel.parts
+    if len(parts) == 3 and parts[0].startswith("models--") and parts[1] == "snapshots":
+        return parts[0].removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
 def list_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
     """(commit, the files we fetch) for a repo at a revision, from the Hub's file tree."""
     from huggingface_hub import HfApi
@@ -195,13 +209,20 @@ def fetch_snapshot(
     repo_id: str, commit: str, files: list[RemoteFile], *, revision: str | None,
     verified: set[str], progress: bool,
 ) -> Path:  # fmt: skip
-    """Download what is missing, hash what was not verified before, link the snapshot.
+    """Hash what no marker vouches for, download what is missing or changed, link the snapshot.
 
     `verified` names files a marker vouches for (unchanged since they were hashed). On
     Ctrl-C the workers stop at their next chunk and KeyboardInterrupt propagates; partial
     files stay for the next run."""
     root = storage(repo_id)
-    todo = [f for f in files if not (root / "blobs" / f.hash).exists()]
+    todo = []
+    for f in files:
+        blob = root / "blobs" / f.hash
+        # A blob from before that no marker vouches for is hashed; a changed one is fetched again.
+        if blob.exists() and f.path not in verified and hash_file(blob, f.lfs) != f.hash:
+            blob.unlink()
+        if not blob.exists():
+            todo.append(f)
     total = sum(f.size for f in todo)
     fetcher = _Fetcher(repo_id, commit, progress, total)
     jobs: queue.Queue[RemoteFile] = queue.Queue()
@@ -242,12 +263,7 @@ def fetch_snapshot(
         fetcher.bar.close()
     if errors:
         raise errors[0]
-    for f in files:  # present before this run and not vouched for: check them now
-        if f.path not in verified and f not in todo:
-            got = hash_file(fetcher.blob(f), f.lfs)
-            if got != f.hash:
-                fetcher.blob(f).unlink()
-                raise mismatch(f.path, f.lfs, f.hash, got)
+    for f in files:
         fetcher.link(f)
     if not (revision and COMMIT.match(revision)):  # a branch or tag: remember where it points
         write_atomic(root / "refs" / (revision or "main"), commit)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_chat.engine.defaults import CAPABILITIES, HYBRID, MODES
-from qwen3_chat.errors import RegistryError
+from qwen3_chat.errors import Qwen3ChatError, RegistryError
+from qwen3_chat.models.config import ORIGINAL_BITS, check_bits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,16 +43,27 @@ class ModelEntry:
 
     def repo_for(self, bits: int) -> str | None:
         """The repo to fetch for `bits` (16 = original); None if it must be converted."""
-        return self.repo if bits == 16 else self.mlx.get(bits)
+        return self.repo if bits == ORIGINAL_BITS else self.mlx.get(bits)
 
 
 @dataclass
 class Registry:
     default: str
     entries: dict[str, ModelEntry]
+    # A broken user models.toml: reported for every alias but the built-in demo, which
+    # needs no registry (so `-m demo` works while the file is being fixed).
+    problem: RegistryError | None = None
 
     def get(self, alias: str) -> ModelEntry | None:
+        if alias.lower() == DEMO_ALIAS:
+            return self.entries.get(DEMO_ALIAS)
+        self.check()
         return self.entries.get(alias.lower())
+
+    def check(self) -> None:
+        """Raise the user file's problem, if it has one."""
+        if self.problem is not None:
+            raise self.problem
 
 
 def _fail(source: Path, where: str, why: str) -> RegistryError:
@@ -70,8 +82,10 @@ def _bits_map(source: Path, alias: str, key: str, value: Any, cast) -> dict:
             out[bits] = cast(v)
         except (TypeError, ValueError):
             raise _fail(source, f"models.{alias}.{key}", f"bad entry {k} = {v!r}") from None
-        if bits not in (4, 8, 16):
-            raise _fail(source, f"models.{alias}.{key}", f"bits must be 4, 8 or 16, not {k}")
+        try:
+            check_bits(bits)
+        except Qwen3ChatError as e:
+            raise _fail(source, f"models.{alias}.{key}", str(e)) from None
     return out
 
 
@@ -161,7 +175,12 @@ def demo_entry() -> ModelEntry:
 def load_registry(builtin: Path = BUILTIN_FILE, user: Path | None = None) -> Registry:
     registry = parse(builtin, _read(builtin))
     user = user or user_file()
+    problem = None
     if user.exists():
-        registry = parse(user, _read(user), registry)
+        try:
+            registry = parse(user, _read(user), registry)
+        except RegistryError as e:
+            problem = e
     registry.entries[DEMO_ALIAS] = demo_entry()
+    registry.problem = problem
     return registry

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen3_chat.errors import ModelLoadError
+from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
 from qwen3_chat.files import read_json, write_json
 from qwen3_chat.models import build_model, config_from_dict
 from qwen3_chat.models.config import EXPERT_KEY, QUANT_BITS, check_bits
@@ -217,8 +217,17 @@ def load(
     # Imported here so load_model works (and imports fast) without the tokenizer module.
     from qwen3_chat.chat.tokenizer import Tokenizer
 
-    model = load_model(path, bits=bits, dtype=dtype)
-    return model, Tokenizer.from_dir(Path(path))
+    try:
+        model = load_model(path, bits=bits, dtype=dtype)
+        return model, Tokenizer.from_dir(Path(path))
+    except Qwen3ChatError as e:
+        # A downloaded copy that passed its checks yet fails here is best fetched afresh.
+        from qwen3_chat.hub.download import cache_repair_hint
+
+        hint = cache_repair_hint(Path(path))
+        if hint is None:
+            raise
+        raise type(e)(f"{e}; {hint}") from None
 
 
 def _shard(params: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:

@@ -1,0 +1,84 @@
+"""What `qwen3 models` lists: every alias with the copies on disk, and converted folders.
+
+Data only (no printing, no MLX): the CLI chooses how to show it (a table on a terminal,
+plain untruncated lines when piped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.files import read_json
+from qwen3_chat.hub.download import cached_repos, converted_dir
+from qwen3_chat.hub.registry import load_registry
+from qwen3_chat.hub.state import converted_folders
+from qwen3_chat.models.config import BITS, DEFAULT_BITS, QUANT_BITS
+
+
+@dataclass(frozen=True)
+class DiskCopy:
+    bits: int  # 16 = the original weights
+    path: Path
+    size: int  # bytes on disk
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    alias: str  # what `-m` takes: an alias, or a converted folder's path
+    kind: str  # "dense" | "moe" | "-" when unknown
+    download_gb: float | None  # at DEFAULT_BITS, from models.toml
+    capability: str  # thinking: "hybrid" | "always" | "never" | "-"
+    context_length: int | None
+    default: bool = False
+    built_in: bool = False  # shipped with the package (the demo)
+    converted_from: Path | None = None  # a `qwen3 convert` output: its source folder
+    copies: list[DiskCopy] = field(default_factory=list)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _converted_row(path: Path, info: dict) -> ModelRow:
+    try:
+        cfg = read_json(path / "config.json")
+    except Qwen3ChatError:
+        cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    bits = info.get("bits") if info.get("bits") in QUANT_BITS else DEFAULT_BITS
+    source = info.get("source")
+    return ModelRow(
+        alias=str(path), kind="moe" if cfg.get("num_experts") else "dense", download_gb=None,
+        capability="-", context_length=cfg.get("max_position_embeddings"),
+        converted_from=Path(source) if isinstance(source, str) else None,
+        copies=[DiskCopy(bits, path, folder_size(path))],
+    )  # fmt: skip
+
+
+def model_rows() -> list[ModelRow]:
+    """Every registry alias (with its copies on disk), then the recorded converted folders
+    that still exist. Raises the user models.toml's problem, if it has one."""
+    registry = load_registry()
+    registry.check()
+    cached = cached_repos()
+    rows = []
+    for alias, e in registry.entries.items():
+        copies = []
+        if e.local is not None:
+            copies.append(DiskCopy(BITS[-1], e.local, folder_size(e.local)))
+        for bits in BITS:
+            repo = e.repo_for(bits)
+            if repo is not None and repo in cached:
+                path, size = cached[repo]
+                copies.append(DiskCopy(bits, path, size))
+            elif repo is None and (conv := converted_dir(e.repo, bits)).is_dir():
+                copies.append(DiskCopy(bits, conv, folder_size(conv)))
+        rows.append(ModelRow(
+            alias=alias, kind=e.kind, download_gb=e.download_gb.get(DEFAULT_BITS),
+            capability=e.capability, context_length=e.context_length,
+            default=alias == registry.default, built_in=e.local is not None, copies=copies,
+        ))  # fmt: skip
+    rows += [_converted_row(path, info) for path, info in converted_folders().items()]
+    return rows
