@@ -75,9 +75,6 @@ def test_parse_setting_accepts_good_values_and_names_bad_ones():
         ("temperature", "hot", "temperature must be a number"),
         ("top_p", "1.5", "top_p must be in"),
         ("top_k", "2.5", "top_k must be a whole number"),
-        ("max_tokens", "0", "max_tokens must be a whole number"),
-        ("max_tokens", "default", "max_tokens must be"),
-        ("budget", "-3", "budget must be"),
         ("colour", "red", "unknown setting"),
         ("temperature", "", "usage: /set temperature VALUE"),
     ]:
@@ -101,32 +98,45 @@ def test_apply_setting_changes_the_session_and_a_rejected_one_changes_nothing(de
     fixed = ChatSession(*demo, sampling=SamplingParams(temperature=0))
     apply_setting(fixed, "top_k", 3)
     assert fixed.sampling_for(False) == SamplingParams(temperature=0, top_k=3)
+    for name, text in [("max_tokens", "0"), ("max_tokens", "default"), ("budget", "-3"),
+                       ("budget", "lots")]:  # fmt: skip
+        with pytest.raises(Qwen3ChatError, match=f"{name} must be"):
+            apply_setting(s, *parse_setting(name, text))
+    assert (s.max_tokens, s.budget) == (5, None)
 
 
-def test_check_saved_names_every_bad_field():
-    check_saved(saved())
+def test_a_saved_file_is_checked_field_by_field(demo):
+    """/load and --resume: check_saved, then ChatSession.from_dict (which checks the rest)."""
+    from qwen3_chat import ChatSession
+
+    def restore(data: dict) -> ChatSession:
+        check_saved(data)
+        return ChatSession.from_dict(*demo, data)
+
+    assert restore(saved()).messages[1]["reasoning_content"] == "r"
     for change, message in [
         ({"max_tokens": -5}, "max_tokens must be"),
         ({"max_tokens": 2.5}, "max_tokens must be"),
         ({"budget": True}, "budget must be"),
         ({"budget": "lots"}, "budget must be"),
-        ({"thinking": "no"}, "thinking must be true or false"),
-        ({"system": 3}, "system must be text"),
+        ({"thinking": "no"}, "thinking must be"),
+        ({"system": 3}, "system must be"),
         ({"capability": "sometimes"}, "capability must be one of"),
         ({"context_length": 0}, "context_length must be"),
         ({"version": 9}, "unknown save version"),
         ({"sampling": {"temperature": -1}}, "sampling: bad sampling setting"),
         ({"sampling_overrides": {"top_p": "x"}}, "top_p must be a number"),
+        ({"sampling_overrides": {"top_k": True}}, "top_k must be a whole number"),
         ({"sampling_overrides": {"warmth": 1}}, "unknown sampling setting"),
         ({"mode_sampling": {"dreaming": {}}}, "mode_sampling must map"),
         ({"mode_sampling": {"thinking": {"top_k": -1}}}, "mode_sampling.thinking"),
         ({"messages": "hi"}, "messages must be a list"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "message 1 must have role"),
-        ({"messages": [{"role": "user"}]}, "message 1: content must be text"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "bad message"),
+        ({"messages": [{"role": "user"}]}, "bad message"),
         ({"messages": [{"role": "user", "content": "x", "interrupted": "yes"}]}, "interrupted"),
     ]:
         with pytest.raises(Qwen3ChatError, match=message):
-            check_saved(saved(**change))
+            restore(saved(**change))
     with pytest.raises(Qwen3ChatError, match="not a saved"):
         check_saved([1, 2])
 
@@ -236,7 +246,7 @@ def test_set_settings_completion_and_history(tmp_path):
     term.expect("temperature 0.2")
     for line, reply in [
         ("/set top_p 1.5", "top_p must be in"),
-        ("/set max_tokens -5", "max_tokens must be a whole number"),
+        ("/set max_tokens -5", "max_tokens must be an integer >= 1"),
         ("/set colour red", "unknown setting 'colour'"),
         ("/set seed 7", "seed 7"),
         ("/set budget 1024", "thinking budget 1024 tokens"),

@@ -239,7 +239,7 @@ def test_pasted_text_that_starts_with_triple_quotes_can_be_submitted(tmp_path):
 
 
 def test_load_rejects_bad_settings_and_keeps_the_conversation(tmp_path):
-    term = Term(DEMO, tmp_path / "state")
+    term = Term(DEMO, tmp_path / "state", cwd=tmp_path)  # short paths: messages fit a line
     term.prompt()
     term.ask(QUESTION)
     good = saved_messages(term, tmp_path / "good.json", 2)
@@ -250,9 +250,11 @@ def test_load_rejects_bad_settings_and_keeps_the_conversation(tmp_path):
         ("budget", "lots", "budget must be"),
         ("thinking", "no", "thinking must be"),
         ("sampling_overrides", {"temperature": -1}, "temperature"),
+        ("sampling_overrides", {"top_k": True}, "top_k must be a whole number"),
+        ("mode_sampling", {"dreaming": {"top_k": 3}}, "mode_sampling must map"),
     ]:
         bad.write_text(json.dumps({**data, key: value, "messages": []}))
-        term.send(f"/load {bad}")
+        term.send("/load bad.json")
         term.expect(message)
         assert "loaded" not in term.seen and "Traceback" not in term.seen
     assert saved_messages(term, tmp_path / "after.json", 2) == good

@@ -20,6 +20,7 @@ from qwen3_chat.cli.attachments import read_attachments
 from qwen3_chat.cli.conversations import ConversationStore, write_private_json
 from qwen3_chat.cli.render import reasoning_panel, stats_line
 from qwen3_chat.cli.terminal import sanitize
+from qwen3_chat.engine.defaults import ALWAYS
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.files import read_json
 
@@ -88,28 +89,31 @@ def _help(repl: Repl, arg: str) -> None:
 
 
 def _think(repl: Repl, arg: str) -> None:
-    s = repl.session
-    if not s.can_think:
+    """Thinking on; with TEXT, also send it (when the model cannot think, it is sent anyway:
+    what was typed is never dropped)."""
+    if not repl.session.can_think:
         repl.say(f"{repl.loaded.name} cannot think (capability: never)", "yellow")
-        return
-    s.thinking = True
-    repl.say("thinking on")
+    else:
+        repl.session.thinking = True
+        repl.say("thinking on")
     if arg:
         repl.send_message(arg)
 
 
 def _no_think(repl: Repl, arg: str) -> None:
-    if repl.session.capability == "always":
+    if repl.session.capability == ALWAYS:
         repl.say(f"{repl.loaded.name} always thinks (capability: always)", "yellow")
-        return
-    repl.session.thinking = False
-    repl.say("thinking off")
+    else:
+        repl.session.thinking = False
+        repl.say("thinking off")
     if arg:
         repl.send_message(arg)
 
 
 def _budget(repl: Repl, arg: str) -> None:
-    _set(repl, f"budget {arg}" if arg else "budget")
+    if not arg:
+        raise Qwen3ChatError("usage: /budget N (tokens, 0 or more) or /budget off")
+    _set(repl, f"budget {arg}")
 
 
 def _set(repl: Repl, arg: str) -> None:
@@ -245,10 +249,9 @@ def _load(repl: Repl, arg: str) -> None:
         raise Qwen3ChatError("usage: /load FILE")
     data = read_json(Path(arg), what="saved conversation")
     try:
-        settings.check_saved(data)
+        repl.restore(data, check=True)
     except Qwen3ChatError as e:
         raise Qwen3ChatError(f"{arg}: {e}; the conversation was not changed") from None
-    repl.restore(data)
     repl.conversation_id = ConversationStore.new_id()
     saved_with = data.get("model")
     other = saved_with and saved_with != repl.loaded.name

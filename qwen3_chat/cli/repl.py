@@ -121,10 +121,14 @@ class Repl:
         """The conversation and its settings, as saved (/save and the autosave)."""
         return {**self.session.to_dict(), "model": self.loaded.name}
 
-    def restore(self, data: dict[str, Any]) -> None:
-        """Replace the session by a checked saved one, on the current model."""
+    def restore(self, data: dict[str, Any], *, check: bool = False) -> None:
+        """Replace the session by a saved one, on the current model; `check` a file's data.
+
+        The new session is built (and checked) before it replaces the current one."""
         from qwen3_chat.chat.session import ChatSession
 
+        if check:
+            settings.check_saved(data)
         self.session = ChatSession.from_dict(
             self.loaded.model, self.loaded.tokenizer, data,
             capability=self.loaded.capability, context_length=self.loaded.context_length,
@@ -150,12 +154,10 @@ class Repl:
 
     def _resume(self) -> None:
         conv_id = self.store.latest() if self.resume == "latest" else self.resume
-        data = self.store.load(conv_id)
         try:
-            settings.check_saved(data)
+            self.restore(self.store.load(conv_id), check=True)
         except Qwen3ChatError as e:
             raise Qwen3ChatError(f"conversation {conv_id}: {e}") from None
-        self.restore(data)
         self.conversation_id = conv_id
         msgs = self.session.messages
         self.say(f"resumed conversation {conv_id}: {len(msgs)} messages (/history shows them)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from qwen3_chat.engine.defaults import CAPABILITIES, NON_THINKING, THINKING
+from qwen3_chat.engine.defaults import NON_THINKING, THINKING
 from qwen3_chat.errors import Qwen3ChatError
 
 # SamplingParams' fields (a test keeps them equal): named here so that the REPL's help and
@@ -34,32 +34,29 @@ def _is_number(value: Any) -> bool:
     return _is_int(value) or isinstance(value, float)
 
 
-def check_value(name: str, value: Any) -> Any:
-    """`value` if it is valid for setting `name` (None = unset), else a clear error."""
-    if name == "max_tokens":
-        if not _is_int(value) or value < 1:
-            raise Qwen3ChatError(f"max_tokens must be a whole number of tokens, 1 or more "
-                                 f"(got {value!r})")  # fmt: skip
-    elif name == "budget":
-        if value is not None and (not _is_int(value) or value < 0):
-            raise Qwen3ChatError(f"budget must be a whole number of tokens, 0 or more, or off "
-                                 f"(got {value!r})")  # fmt: skip
-    elif name in KNOBS:
-        if value is None:
-            return None
-        if not (_is_int(value) if name in INT_KNOBS else _is_number(value)):
-            kind = "a whole number" if name in INT_KNOBS else "a number"
-            raise Qwen3ChatError(f"{name} must be {kind} (got {value!r})")
-        from qwen3_chat.engine.sampling import SamplingParams
+def check_knob(name: str, value: Any) -> Any:
+    """`value` if it suits sampling knob `name` (None = unset), else a clear error.
 
-        SamplingParams.for_mode(True).replace(**{name: value})  # its own range checks
-    else:
-        raise Qwen3ChatError(f"unknown setting {name!r}: one of {', '.join(SETTINGS)}")
+    The types are checked here (SamplingParams would fail on "hot" with a TypeError); the
+    ranges stay SamplingParams' own. The limits (max_tokens, budget) are checked by
+    ChatSession when they are set."""
+    if name not in KNOBS:
+        raise Qwen3ChatError(f"unknown sampling setting {name!r}: one of {', '.join(KNOBS)}")
+    if value is None:
+        return None
+    if not (_is_int(value) if name in INT_KNOBS else _is_number(value)):
+        kind = "a whole number" if name in INT_KNOBS else "a number"
+        raise Qwen3ChatError(f"{name} must be {kind} (got {value!r})")
+    from qwen3_chat.engine.sampling import SamplingParams
+
+    SamplingParams.for_mode(True).replace(**{name: value})
     return value
 
 
 def parse_setting(name: str, text: str) -> tuple[str, Any]:
-    """`/set NAME VALUE` -> (canonical name, checked value); VALUE `default`/`off` unsets."""
+    """`/set NAME VALUE` -> (canonical name, value); VALUE `default`/`off` unsets.
+
+    Sampling knobs are checked here; the limits when apply_setting gives them to the session."""
     name = ALIASES.get(name.lower(), name.lower())
     if name not in SETTINGS:
         raise Qwen3ChatError(f"unknown setting {name!r}: one of {', '.join(SETTINGS)}")
@@ -71,12 +68,13 @@ def parse_setting(name: str, text: str) -> tuple[str, Any]:
     try:
         value: Any = int(text) if name in INT_KNOBS or name in LIMITS else float(text)
     except ValueError:
-        value = text  # check_value names the expected type
-    return name, check_value(name, value)
+        value = text  # the check names the expected type
+    return name, check_knob(name, value) if name in KNOBS else value
 
 
 def apply_setting(session: Any, name: str, value: Any) -> None:
-    """Set one checked value on a ChatSession; a combination it rejects changes nothing."""
+    """Set one value on a ChatSession, which checks the limits itself; a combination of
+    sampling settings it rejects changes nothing."""
     if name == "max_tokens":
         session.max_tokens = value
     elif name == "budget":
@@ -103,48 +101,18 @@ def _check_knobs(where: str, knobs: Any) -> None:
     if not isinstance(knobs, dict):
         raise Qwen3ChatError(f"{where} must be a table of sampling settings")
     for name, value in knobs.items():
-        if name not in KNOBS:
-            raise Qwen3ChatError(f"{where}: unknown sampling setting {name!r}")
         try:
-            check_value(name, value)
+            check_knob(name, value)
         except Qwen3ChatError as e:
             raise Qwen3ChatError(f"{where}: {e}") from None
 
 
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list):
-        raise Qwen3ChatError("messages must be a list")
-    for i, m in enumerate(messages, 1):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise Qwen3ChatError(f"message {i} must have role user or assistant")
-        for key in ("content", "reasoning_content"):
-            if (key in m or key == "content") and not isinstance(m.get(key), str):
-                raise Qwen3ChatError(f"message {i}: {key} must be text")
-        for key in MESSAGE_FLAGS:
-            if not isinstance(m.get(key, False), bool):
-                raise Qwen3ChatError(f"message {i}: {key} must be true or false")
-
-
 def check_saved(data: Any) -> None:
-    """Every field of a saved conversation, before anything replaces the current one."""
-    from qwen3_chat.chat.session import SAVE_VERSION
-
+    """What ChatSession.from_dict does not check itself in a saved conversation: the types
+    of the sampling settings, the mode names, and the flags on messages. Called before
+    from_dict (which checks the rest), so nothing is replaced when either fails."""
     if not isinstance(data, dict):
         raise Qwen3ChatError("not a saved qwen3-chat conversation")
-    if data.get("version") != SAVE_VERSION:
-        raise Qwen3ChatError(f"unknown save version {data.get('version')!r}")
-    if data.get("system") is not None and not isinstance(data["system"], str):
-        raise Qwen3ChatError("system must be text or null")
-    if not isinstance(data.get("thinking", True), bool):
-        raise Qwen3ChatError(f"thinking must be true or false (got {data['thinking']!r})")
-    if data.get("capability", "hybrid") not in CAPABILITIES:
-        raise Qwen3ChatError(f"capability must be one of {', '.join(CAPABILITIES)}")
-    context = data.get("context_length")
-    if context is not None and (not _is_int(context) or context < 1):
-        raise Qwen3ChatError(f"context_length must be a positive whole number or null "
-                             f"(got {context!r})")  # fmt: skip
-    check_value("max_tokens", data.get("max_tokens", 1))
-    check_value("budget", data.get("budget"))
     if data.get("sampling") is not None:
         _check_knobs("sampling", data["sampling"])
     _check_knobs("sampling_overrides", data.get("sampling_overrides") or {})
@@ -153,7 +121,11 @@ def check_saved(data: Any) -> None:
         raise Qwen3ChatError("mode_sampling must map thinking / non_thinking to settings")
     for mode, knobs in modes.items():
         _check_knobs(f"mode_sampling.{mode}", knobs)
-    _check_messages(data.get("messages"))
+    messages = data.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else [], 1):
+        for key in MESSAGE_FLAGS:
+            if isinstance(m, dict) and not isinstance(m.get(key, False), bool):
+                raise Qwen3ChatError(f"message {i}: {key} must be true or false")
 
 
 def describe(session: Any, model_name: str) -> list[tuple[str, str]]:
