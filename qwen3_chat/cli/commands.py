@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from qwen3_chat.cli.attachments import read_attachments
 from qwen3_chat.cli.conversations import ConversationStore, write_private_json
 from qwen3_chat.cli.render import reasoning_panel, stats_line
 from qwen3_chat.cli.terminal import sanitize
-from qwen3_chat.engine.defaults import ALWAYS
+from qwen3_chat.engine.defaults import allows_thinking
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.files import read_json
 
@@ -88,24 +89,16 @@ def _help(repl: Repl, arg: str) -> None:
     repl.console.print(table)
 
 
-def _think(repl: Repl, arg: str) -> None:
-    """Thinking on; with TEXT, also send it (when the model cannot think, it is sent anyway:
-    what was typed is never dropped)."""
-    if not repl.session.can_think:
-        repl.say(f"{repl.loaded.name} cannot think (capability: never)", "yellow")
+def _mode(repl: Repl, arg: str, *, thinking: bool) -> None:
+    """/think and /no_think; with TEXT, also send it. A model that cannot switch says so
+    and TEXT is sent anyway: what was typed is never dropped."""
+    s = repl.session
+    if allows_thinking(s.capability, thinking):
+        s.thinking = thinking
+        repl.say(f"thinking {'on' if thinking else 'off'}")
     else:
-        repl.session.thinking = True
-        repl.say("thinking on")
-    if arg:
-        repl.send_message(arg)
-
-
-def _no_think(repl: Repl, arg: str) -> None:
-    if repl.session.capability == ALWAYS:
-        repl.say(f"{repl.loaded.name} always thinks (capability: always)", "yellow")
-    else:
-        repl.session.thinking = False
-        repl.say("thinking off")
+        what = "cannot think" if thinking else "always thinks"
+        repl.say(f"{repl.loaded.name} {what} (capability: {s.capability})", "yellow")
     if arg:
         repl.send_message(arg)
 
@@ -289,7 +282,8 @@ def _model(repl: Repl, arg: str) -> None:
 
 Handler = Callable[["Repl", str], None]
 HANDLERS: dict[str, Handler] = {
-    "/help": _help, "/think": _think, "/no_think": _no_think, "/nothink": _no_think,
+    "/help": _help, "/think": partial(_mode, thinking=True),
+    "/no_think": partial(_mode, thinking=False), "/nothink": partial(_mode, thinking=False),
     "/budget": _budget, "/set": _set, "/settings": _settings, "/system": _system,
     "/file": _file, "/clear": _clear, "/retry": _retry, "/undo": _undo, "/history": _history,
     "/show": _show, "/copy": _copy, "/stats": _stats, "/save": _save, "/load": _load,
