@@ -221,6 +221,9 @@ def test_store_saves_privately_lists_newest_first_and_rejects_paths(tmp_path):
     assert listed[0].id == store.latest()
     assert next(c for c in listed if c.id == second).title == "second question"
     assert store.load(first)["messages"] == saved()["messages"]
+    store.delete(first)
+    store.delete(first)  # already gone: nothing to do
+    assert [c.id for c in store.list()] == [second]
     for bad in ("../../etc/passwd", "x", first + "/../y"):
         with pytest.raises(Qwen3ChatError, match="not a conversation id"):
             store.load(bad)
@@ -348,8 +351,13 @@ def test_one_shot_file_attachment(tmp_path, demo):
 
 def test_conversations_saved_each_turn_listed_and_resumed(tmp_path, monkeypatch, never_model):
     state = tmp_path / "state"
+    folder = state / "qwen3-chat" / "conversations"
     term = Term(DEMO, state)
     term.prompt()
+    term.send("What is 12 + 30? " * 400)  # too long for the demo's context: not kept
+    term.expect("longer than the model's context")
+    term.prompt()
+    assert list(folder.glob("*.json")) == []
     term.ask(QUESTION)
     term.ask("What is 8 + 9?")
     term.send("/conversations")
@@ -357,7 +365,6 @@ def test_conversations_saved_each_turn_listed_and_resumed(tmp_path, monkeypatch,
     conv_id = term.child.match.group(1)
     term.send("/exit")
     assert term.close() == 0
-    folder = state / "qwen3-chat" / "conversations"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE((folder / f"{conv_id}.json").stat().st_mode) == 0o600
 

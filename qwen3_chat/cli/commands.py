@@ -76,7 +76,8 @@ def run_command(repl: Repl, line: str) -> bool:
     if handler is None:
         hint = closest_command(name)
         repl.say(f"unknown command {sanitize(name)}" + (f" — did you mean {hint}?" if hint else
-                 " — /help lists the commands"), "yellow")  # fmt: skip
+                 " — /help lists the commands; //TEXT sends /TEXT as a message"),
+                 "yellow")  # fmt: skip
     else:
         handler(repl, arg)
     return True

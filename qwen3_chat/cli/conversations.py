@@ -76,6 +76,9 @@ class ConversationStore:
         private_dir(self.root)
         return write_private_json(self.path(conv_id), {**data, "id": conv_id})
 
+    def delete(self, conv_id: str) -> None:
+        self.path(conv_id).unlink(missing_ok=True)
+
     def load(self, conv_id: str) -> dict[str, Any]:
         path = self.path(conv_id)
         if not path.exists():

@@ -135,22 +135,29 @@ class Repl:
             mode_sampling=self.loaded.mode_sampling,
         )  # fmt: skip
 
-    def autosave(self, pending: str | None = None) -> None:
+    def autosave(self, pending: str | None = None) -> bool:
         """Save the conversation (plus a question about to be sent) under its id, atomically.
 
         Called before a turn with the question, so a crash mid-answer loses nothing typed,
-        and after it with the answer. A failure warns once; chatting goes on."""
+        and after it with the answer; an empty conversation leaves no file. A failure warns
+        once and chatting goes on. False when Ctrl-C stopped it (the old file stays whole)."""
         data = self.snapshot()
         if pending is not None:
             data["messages"].append({"role": "user", "content": pending})
-        if not data["messages"] or self._save_failed:
-            return
+        if self._save_failed:
+            return True
         try:
-            self.store.save(self.conversation_id, data)
+            if data["messages"]:
+                self.store.save(self.conversation_id, data)
+            else:
+                self.store.delete(self.conversation_id)
         except OSError as e:
             self._save_failed = True
             self.say(f"warning: cannot save conversations in {self.store.root} "
                      f"({e.strerror or e}); /save FILE still works", "yellow")  # fmt: skip
+        except KeyboardInterrupt:
+            return False
+        return True
 
     def _resume(self) -> None:
         conv_id = self.store.latest() if self.resume == "latest" else self.resume
@@ -167,7 +174,9 @@ class Repl:
     def send_message(self, text: str) -> None:
         """Send a message (with any attached files) and stream the reply."""
         full = with_attachments(text, self.attachments)
-        self.autosave(pending=full)
+        if not self.autosave(pending=full):
+            self.say("[cancelled]", "yellow")  # Ctrl-C before the turn began: not sent
+            return
         self.generate(lambda: self.session.send(full))
         msgs = self.session.messages
         if any(m["role"] == "user" and m["content"] == full for m in msgs[-2:]):
