@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from qwen3_chat.models.config import expert_key, is_sparse_layer
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -68,13 +70,6 @@ def _norm(rng: np.random.Generator, dim: int) -> np.ndarray:
     return (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
 
 
-def _is_moe_layer(cfg: dict, i: int) -> bool:
-    if cfg["model_type"] != "qwen3_moe" or cfg.get("num_experts", 0) == 0:
-        return False
-    step = cfg.get("decoder_sparse_step", 1)
-    return i not in cfg.get("mlp_only_layers", []) and (i + 1) % step == 0
-
-
 def hf_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights with Hugging Face names (per-expert keys for MoE), float32."""
     rng = np.random.default_rng(seed)
@@ -93,14 +88,13 @@ def hf_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         w[p + "self_attn.o_proj.weight"] = _linear(rng, h, nh * hd)
         w[p + "self_attn.q_norm.weight"] = _norm(rng, hd)
         w[p + "self_attn.k_norm.weight"] = _norm(rng, hd)
-        if _is_moe_layer(cfg, i):
+        if cfg["model_type"] == "qwen3_moe" and is_sparse_layer(cfg, i):
             mi = cfg["moe_intermediate_size"]
             w[p + "mlp.gate.weight"] = _linear(rng, cfg["num_experts"], h)
             for e in range(cfg["num_experts"]):
-                q = f"{p}mlp.experts.{e}."
-                w[q + "gate_proj.weight"] = _linear(rng, mi, h)
-                w[q + "up_proj.weight"] = _linear(rng, mi, h)
-                w[q + "down_proj.weight"] = _linear(rng, h, mi)
+                w[expert_key(p + "mlp", e, "gate_proj")] = _linear(rng, mi, h)
+                w[expert_key(p + "mlp", e, "up_proj")] = _linear(rng, mi, h)
+                w[expert_key(p + "mlp", e, "down_proj")] = _linear(rng, h, mi)
         else:
             inter = cfg["intermediate_size"]
             w[p + "mlp.gate_proj.weight"] = _linear(rng, inter, h)
