@@ -1,0 +1,188 @@
+"""Rank 0's view of a pipeline-parallel model: it behaves like our Model for the engine and
+the session (`model(inputs, cache=..., last_only=...)`, `make_cache()`, `.config`), runs
+the first layers here and has the followers run the rest.
+
+Each call sends a header and the activations round the ring and waits for the last rank's
+logits. The wait happens on a helper thread with a deadline, so a rank that dies or hangs
+becomes one PipelineError instead of a hang; Ctrl-C still reaches the caller at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from qwen3_chat.distributed.group import (
+    NO_CACHE,
+    Header,
+    Op,
+    PipelineError,
+    step_timeout,
+)
+from qwen3_chat.distributed.stage import Stage
+from qwen3_chat.models.cache import KVCache
+
+# describe(error or None for a timeout) -> the one line that names the rank/host at fault.
+Describe = Callable[[BaseException | None], str]
+
+
+class _Runner:
+    """One daemon thread that builds and evaluates every graph that talks to the ring, in
+    order; callers wait with a deadline. (MLX streams belong to the thread that made them,
+    so the graph is built on the thread that evaluates it.)"""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name="qwen3-pipeline").start()
+
+    def _loop(self) -> None:
+        stream = mx.new_stream(mx.default_device())
+        while True:
+            job, done, box = self._jobs.get()
+            try:
+                with mx.stream(stream):
+                    box.append(job())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                box.append(e)
+            done.set()
+
+    def run(self, job: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+        """(finished in time, job's result); the job's errors are re-raised here."""
+        done, box = threading.Event(), []
+        self._jobs.put((job, done, box))
+        if not done.wait(timeout):
+            return False, None
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return True, box[0]
+
+
+class PipelineCache:
+    """The KV cache of one conversation: rank 0's layers here, the followers' kept by id.
+
+    Rewinding it tells the followers to rewind theirs, in order with every other command."""
+
+    def __init__(self, owner: PipelineModel, cache_id: int, local: list[KVCache]):
+        self._owner, self.id, self.local = owner, cache_id, local
+        weakref.finalize(self, owner._forget, cache_id)
+
+    @property
+    def offset(self) -> int:
+        return min((c.offset for c in self.local), default=0)
+
+    def can_trim(self, n: int) -> bool:
+        return 0 <= n <= self.offset
+
+    def trim(self, n: int) -> int:
+        n = max(0, min(self.offset, n))
+        if n:
+            target = self.offset - n
+            for c in self.local:
+                c.trim(c.offset - target)
+            self._owner._command(Header(Op.REWIND, self.id, offset=target))
+        return n
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for c in self.local for a in c.state]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.local)
+
+
+class PipelineModel:
+    """Rank 0 of a pipeline: embeds, runs its layers, and gets the logits back."""
+
+    def __init__(self, stage: Stage, group: Any, *, wire: mx.Dtype,
+                 describe: Describe | None = None):  # fmt: skip
+        if not stage.first:
+            raise PipelineError("rank 0 must hold the first layers")
+        self.stage, self.group, self.wire = stage, group, wire
+        self.config = stage.config
+        self.size = group.size()
+        self._describe = describe or _default_describe(self.size)
+        self._runner = _Runner()
+        self._next_id = NO_CACHE + 1
+        self._dropped: list[int] = []  # caches gone on rank 0, to be freed on the followers
+        self._failed: str | None = None
+
+    # -- what the engine and the session use ------------------------------------------------
+    def make_cache(self) -> list[PipelineCache]:
+        cid, self._next_id = self._next_id, self._next_id + 1
+        return [PipelineCache(self, cid, self.stage.make_cache())]
+
+    def __call__(self, inputs: mx.array, cache: list[PipelineCache] | None = None,
+                 last_only: bool = False) -> mx.array:  # fmt: skip
+        """inputs int32 [1, L] -> logits [1, L, vocab] ([1, 1, vocab] with last_only)."""
+        if inputs.ndim != 2 or inputs.shape[0] != 1:
+            raise PipelineError("a pipeline runs one sequence at a time (batch size 1)")
+        pc = cache[0] if cache else None
+        n = inputs.shape[1]
+        self._flush_dropped()
+        header = Header(Op.FORWARD, pc.id if pc else NO_CACHE, n, last_only)
+        mx.eval(inputs)  # it may be a lazy sample from the caller's stream
+        shape = (1, 1 if last_only else n, self.config.vocab_size)
+
+        def forward() -> mx.array:
+            h = self.stage(inputs, pc.local if pc else None, last_only=False)
+            h = mx.depends(h.astype(self.wire), self._header(header))  # the header goes first
+            sent = mx.distributed.send(h, 1, group=self.group)
+            logits = mx.distributed.recv(shape, self.wire, self.size - 1, group=self.group)
+            logits = mx.depends(logits, sent)
+            mx.eval(logits, pc.state if pc else [])
+            return logits
+
+        return self._wait(forward, step_timeout(n))
+
+    def close(self) -> None:
+        """Tell the followers to exit (best effort: they may be gone already)."""
+        if self._failed is None:
+            try:
+                self._command(Header(Op.EXIT))
+            except PipelineError:
+                pass
+            self._failed = "the distributed model was closed"
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _header(self, header: Header) -> mx.array:
+        values = mx.array(header.encode(), dtype=mx.int32)
+        return mx.distributed.send(values, 1, group=self.group)
+
+    def _command(self, header: Header) -> None:
+        self._wait(lambda: mx.eval(self._header(header)), step_timeout(0))
+
+    def _forget(self, cache_id: int) -> None:
+        self._dropped.append(cache_id)  # from a finalizer: no communication here
+
+    def _flush_dropped(self) -> None:
+        while self._dropped:
+            self._command(Header(Op.FREE, self._dropped.pop()))
+
+    def _wait(self, job: Callable[[], Any], timeout: float) -> Any:
+        if self._failed is not None:
+            raise PipelineError(self._failed)
+        try:
+            ok, result = self._runner.run(job, timeout)
+        except RuntimeError as e:  # the ring reports a lost peer as a RuntimeError
+            self._failed = self._describe(e)
+            raise PipelineError(self._failed) from None
+        if not ok:
+            self._failed = self._describe(None)
+            raise PipelineError(self._failed)
+        return result
+
+
+def _default_describe(size: int) -> Describe:
+    def describe(error: BaseException | None) -> str:
+        who = "rank 1" if size == 2 else f"ranks 1-{size - 1}"
+        if error is None:
+            return f"distributed: no answer from {who} in time; stopping"
+        return f"distributed: lost contact with {who} ({error}); stopping"
+
+    return describe

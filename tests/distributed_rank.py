@@ -1,0 +1,68 @@
+"""One rank of the distributed tests, started by mlx.launch (see test_distributed.py).
+
+Rank 0 runs the checks through the library (logits of a whole sequence, a cached
+prefill, greedy tokens through stream_generate and ChatSession) and writes them as JSON;
+the other ranks follow its commands. argv: MODEL_DIR OUT_JSON [KILL_RANK]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from qwen3_chat.distributed.hosts import model_digest
+from qwen3_chat.distributed.pipeline import PipelineModel
+from qwen3_chat.distributed.worker import follow, join
+
+
+def main() -> None:
+    model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    group = mx.distributed.init(strict=True, backend="ring")
+    rank, size = group.rank(), group.size()
+    names = [f"127.0.0.1#{r}" for r in range(size)]
+    joined = join(group, model_dir, model_digest(model_dir), bits=None, dtype=mx.float32,
+                  names=names)  # fmt: skip
+    held = {"rank": rank, "names": joined.stage.parameter_names(),
+            "nbytes": joined.stage.nbytes, "active": mx.get_active_memory()}  # fmt: skip
+    Path(f"{out}.rank{rank}").write_text(json.dumps(held))
+    if rank != 0:
+        follow(joined.stage, group, mx.float32)
+        return
+    model = PipelineModel(joined.stage, group, wire=mx.float32)
+    try:
+        run(model, model_dir, out)
+    finally:
+        model.close()
+
+
+def run(model: PipelineModel, model_dir: Path, out: Path) -> None:
+    ids = mx.array([[1, 5, 9, 42, 7, 300, 11, 2, 64, 3]], dtype=mx.int32)
+    full = model(ids)
+    cache = model.make_cache()
+    prefill = model(ids[:, :7], cache=cache, last_only=True)
+    step = model(ids[:, 7:8], cache=cache, last_only=True)
+    cache[0].trim(1)  # rewind through the followers, then the same step again
+    again = model(ids[:, 7:8], cache=cache, last_only=True)
+    result = {"full": full.tolist(), "prefill": prefill.tolist(), "step": step.tolist(),
+              "again": again.tolist()}  # fmt: skip
+    if (model_dir / "tokenizer.json").exists():
+        from qwen3_chat.chat.session import ChatSession
+        from qwen3_chat.chat.tokenizer import Tokenizer
+        from qwen3_chat.engine.events import Finished
+
+        tok = Tokenizer.from_dir(model_dir)
+        chat = ChatSession(model, tok, sampling_overrides={"temperature": 0.0}, max_tokens=12,
+                           budget=None)  # fmt: skip
+        turns = []
+        for text in ("Hello there", "And again?"):
+            fin = [e for e in chat.send(text) if isinstance(e, Finished)][-1]
+            turns.append(list(fin.token_ids))
+        result["chat"] = turns
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

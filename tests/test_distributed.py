@@ -1,0 +1,123 @@
+"""Pipeline parallel on MLX's ring backend over loopback, with real mlx.launch ranks.
+
+Each run starts 2 or 3 processes (tests/distributed_rank.py); rank 0 writes what it saw
+through the library and every rank what it holds. Compared with one process's load().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from checkpoints import make_checkpoint, tiny_config
+
+HERE = Path(__file__).parent
+MLX_LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p..p+n-1 free right now (the ring listens on consecutive ports)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_free(base + i) for i in range(1, n)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def launch(ranks: int, model: Path, out: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+    assert MLX_LAUNCH, "mlx.launch is not installed beside this python"
+    cmd = [MLX_LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port_block(ranks)),
+           sys.executable, str(HERE / "distributed_rank.py"), str(model), str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def single(model: Path) -> dict:
+    """What one process computes for the same calls as distributed_rank.run()."""
+    import mlx.core as mx
+
+    from qwen3_chat.weights.loader import load_model
+
+    m = load_model(model, dtype="float32")
+    ids = mx.array([[1, 5, 9, 42, 7, 300, 11, 2, 64, 3]], dtype=mx.int32)
+    cache = m.make_cache()
+    prefill = m(ids[:, :7], cache=cache, last_only=True)
+    step = m(ids[:, 7:8], cache=cache, last_only=True)
+    return {"full": m(ids), "prefill": prefill, "step": step, "params": m.parameters(), "m": m}
+
+
+@pytest.mark.parametrize(("moe", "ranks"), [(False, 2), (True, 3)])
+def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, moe, ranks):
+    from mlx.utils import tree_flatten
+
+    model = make_checkpoint(tmp_path / "m", tiny_config(moe=moe, num_hidden_layers=3))
+    out = tmp_path / "out.json"
+    run = launch(ranks, model, out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(out.read_text())
+    ref = single(model)
+    for key in ("full", "prefill", "step"):
+        np.testing.assert_allclose(np.array(got[key]), np.array(ref[key]), atol=1e-5, rtol=0)
+    # A rewind travels to the followers: the same step after trimming gives the same logits.
+    np.testing.assert_allclose(np.array(got["again"]), np.array(ref["step"]), atol=1e-5, rtol=0)
+    assert np.array(got["full"]).argmax(-1).tolist() == np.array(ref["full"]).argmax(-1).tolist()
+
+    # Each rank holds exactly its layers (plus embedding first, norm/lm_head last), and its
+    # memory is that share, not the model: the other tensors were never read.
+    everything = dict(tree_flatten(ref["params"]))
+    held = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(ranks)]
+    layer_of = {r: {int(k.split(".")[2]) for k in h["names"] if k.startswith("model.layers.")}
+                for r, h in enumerate(held)}  # fmt: skip
+    assert [sorted(layer_of[r]) for r in range(ranks)] == (
+        [[0, 1], [2]] if ranks == 2 else [[0], [1], [2]]
+    )
+    names = [set(h["names"]) for h in held]
+    assert set().union(*names) == set(everything)
+    assert sum(len(n) for n in names) == len(everything)  # nothing held twice (untied)
+    assert "model.embed_tokens.weight" in names[0] and "lm_head.weight" in names[-1]
+    total = sum(v.nbytes for v in everything.values())
+    for h in held:
+        assert h["nbytes"] == sum(everything[k].nbytes for k in h["names"])
+        assert h["nbytes"] < total * 0.75
+        assert h["active"] < h["nbytes"] + 64 * 1024  # active memory: its share, no more
+
+
+def test_chat_session_greedy_tokens_match(tmp_path, qwen3_tokenizer_dir):
+    """Through ChatSession (prefill, decode, cache reuse across two turns) on 3 ranks."""
+    from qwen3_chat.chat.session import ChatSession
+    from qwen3_chat.chat.tokenizer import Tokenizer
+    from qwen3_chat.engine.events import Finished
+
+    cfg = tiny_config(num_hidden_layers=3, vocab_size=151936, tie_word_embeddings=True)
+    model = make_checkpoint(tmp_path / "m", cfg, tokenizer_dir=qwen3_tokenizer_dir)
+    out = tmp_path / "out.json"
+    run = launch(3, model, out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(out.read_text())
+    m = single(model)["m"]
+    chat = ChatSession(m, Tokenizer.from_dir(model), sampling_overrides={"temperature": 0.0},
+                       max_tokens=12, budget=None)  # fmt: skip
+    turns = [list([e for e in chat.send(t) if isinstance(e, Finished)][-1].token_ids)
+             for t in ("Hello there", "And again?")]  # fmt: skip
+    assert got["chat"] == turns
+    # tied embeddings: the first and last ranks both hold the embedding, the middle one not
+    held = [json.loads(Path(f"{out}.rank{r}").read_text())["names"] for r in range(3)]
+    assert ["model.embed_tokens.weight" in h for h in held] == [True, False, True]
