@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from qwen3_chat.cli.oneshot import usage_exit as _usage
+from qwen3_chat.cli.usage import check_bits_option, usage_exit
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -46,15 +46,12 @@ def serve(
         help="Largest request body accepted, in MB."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)."""
-    from qwen3_chat.cli.app import BITS
     from qwen3_chat.engine.defaults import DEFAULT_BUDGET, DEFAULT_MAX_TOKENS
-
-    if bits is not None and bits not in BITS:
-        raise _usage("--bits must be 4, 8 or 16")
+    check_bits_option(bits)
     if api_key is not None and not api_key.strip():
-        raise _usage("--api-key must not be empty")
+        raise usage_exit("--api-key must not be empty")
     if not _is_loopback(host) and api_key is None:
-        raise _usage(f"binding {host} exposes the model to the network: give --api-key "
+        raise usage_exit(f"binding {host} exposes the model to the network: give --api-key "
                      "(or QWEN3_API_KEY), or bind 127.0.0.1")  # fmt: skip
     from qwen3_chat.serve.app import bind
     from qwen3_chat.serve.app import serve as run
@@ -62,7 +59,7 @@ def serve(
     try:
         sock = bind(host, port)
     except OSError as e:
-        raise _usage(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise usage_exit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     from qwen3_chat.cli.progress import open_with_status
     from qwen3_chat.hub.open import default_model_name
 

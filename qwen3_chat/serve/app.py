@@ -33,6 +33,9 @@ from qwen3_chat.serve.schema import reasoning_fields as reasoning_delta
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: a long conversation with tools fits easily
 log = logging.getLogger("qwen3_chat.serve")
+# What a client still listening hears when its job is cancelled under it (shutdown).
+CANCELLED = ApiError(503, "the server is shutting down; the request was cancelled",
+                     type="server_error", code="cancelled")
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -98,8 +101,8 @@ async def _stream(job: Job, cid: str, model: str, include_usage: bool) -> AsyncI
             yield _sse(chunk(cid, model, reasoning_delta(value)))
         elif kind == "content":
             yield _sse(chunk(cid, model, {"content": value}))
-        elif kind == "error":  # headers are sent: the error travels as an event
-            yield _sse(value.body())
+        elif kind in ("error", "cancelled"):  # headers are sent: the error is an event
+            yield _sse((value or CANCELLED).body())
             break
         elif kind == "done":
             result: Result = value
@@ -116,8 +119,8 @@ async def _stream(job: Job, cid: str, model: str, include_usage: bool) -> AsyncI
 async def _collect(job: Job) -> Result:
     while True:
         kind, value = await job.out.get()
-        if kind == "error":
-            raise value
+        if kind in ("error", "cancelled"):
+            raise value or CANCELLED
         if kind == "done":
             return value
 
@@ -230,19 +233,26 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(engine: ServeEngine, sock: socket.socket, *, model_ids: Iterable[str],
           api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> None:  # fmt: skip
-    """Run until SIGINT/SIGTERM; open streams get a moment to end, then are cancelled."""
+    """Run until SIGINT/SIGTERM; open generations are cancelled and streams told so."""
     import uvicorn
 
     app = create_app(engine, model_ids=model_ids, api_key=api_key, max_body=max_body)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
                             server_header=False, access_log=False)  # fmt: skip
-    engine.start()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            engine.cancel_all()  # open streams end now instead of at the graceful timeout
+            await super().shutdown(sockets)
+
+    server = Server(config)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op
     # handlers in place that ends here, so a SIGTERM/Ctrl-C shutdown returns normally.
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _ignore) for s in _STOP_SIGNALS} if main else {}
+    engine.start()
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         engine.stop()
         for sig, handler in previous.items():

@@ -131,12 +131,16 @@ class ServeEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything admitted and end the worker after its current token."""
+    def cancel_all(self) -> None:
+        """Shutting down: refuse new jobs and end every admitted one at its next token."""
         with self._lock:
             self._closing = True
             for job in self._admitted:
                 job.cancel()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything admitted and end the worker after its current token."""
+        self.cancel_all()
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -215,6 +219,7 @@ class ServeEngine:
             try:
                 if job.cancelled.is_set():
                     self._record(job, "cancelled", None)
+                    job.send("cancelled", None)  # a listener (shutdown) must not hang
                 else:
                     self._run(job)
             except ApiError as e:
@@ -270,6 +275,7 @@ class ServeEngine:
             self.cache.put(held, cache)
         if job.cancelled.is_set():
             self._record(job, "cancelled", self._usage(plan, reused, reasoning, answer))
+            job.send("cancelled", None)
             return
         tail, calls = answer_filter.finish()
         if tail := trim_answer(tail):
