@@ -140,3 +140,21 @@ def test_bad_hybrid_configs_give_one_clear_error(tmp_path, change, message):
     with pytest.raises(ModelLoadError) as e:
         load_model(path)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_downloaded_hybrid_folder_passes_verification(hybrid, tmp_path):
+    from qwen3_chat.errors import DownloadError
+    from qwen3_chat.weights.verify import verify_model_dir
+
+    _, path, _, _ = hybrid
+    verify_model_dir(path)  # a hybrid folder is not "model_type ... is not qwen3"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in path.iterdir():
+        (broken / f.name).symlink_to(f)
+    cfg = json.loads((path / "config.json").read_text())
+    (cfg.get("text_config") or cfg).pop("linear_key_head_dim")
+    (broken / "config.json").unlink()
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DownloadError, match="missing linear_key_head_dim"):
+        verify_model_dir(broken)

@@ -1,13 +1,12 @@
 """Check a downloaded model folder without loading it (no MLX needed).
 
-huggingface_hub does not check content hashes, and a folder can be incomplete or hold the
-wrong files, so after a download we check: every large file's sha256 against the Hub's
-ETag, the config, the shard index, and each safetensors header against the config's shapes.
+A folder can be incomplete or hold the wrong files even when every file matches its hash
+(hub.fetch checks those), so before a download is used we check the config, the shard
+index, and each safetensors header against the config's shapes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -16,20 +15,14 @@ from typing import Any
 
 from qwen3_chat.errors import DownloadError, Qwen3ChatError
 from qwen3_chat.files import read_json
+from qwen3_chat.models import ALL_MODEL_TYPES
 from qwen3_chat.models.config import expert_key, is_sparse_layer
+from qwen3_chat.models.hybrid_config import HYBRID_MODEL_TYPES, HybridConfig
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 HEADER_LIMIT = 100 * 1024**2
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def sha256_of(path: Path, chunk: int = 8 * 1024**2) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class HeaderError(ValueError):
@@ -156,9 +149,11 @@ def verify_model_dir(path: Path) -> None:
     """Raise DownloadError saying exactly what is wrong with the folder, if anything."""
     path = Path(path)
     cfg = read_json(path / "config.json", error=DownloadError)
-    if not isinstance(cfg, dict) or cfg.get("model_type") not in ("qwen3", "qwen3_moe"):
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in ALL_MODEL_TYPES:
         kind = cfg.get("model_type") if isinstance(cfg, dict) else None
-        raise DownloadError(f"config.json: model_type {kind!r} is not qwen3")
+        raise DownloadError(
+            f"config.json: model_type {kind!r} is not one of {', '.join(ALL_MODEL_TYPES)}"
+        )
     try:
         files, wmap = shard_list(path)
     except HeaderError as e:
@@ -173,6 +168,12 @@ def verify_model_dir(path: Path) -> None:
                 raise DownloadError(f"{INDEX_FILE}: tensor {key} is not in {name}")
     if cfg.get("quantization") or cfg.get("quantization_config"):
         return  # packed shapes: the loader validates them against the built model
+    if cfg["model_type"] in HYBRID_MODEL_TYPES:
+        try:  # the config must parse; tensor shapes are checked against the built model
+            HybridConfig.from_dict(cfg)
+        except Qwen3ChatError as e:
+            raise DownloadError(str(e)) from None
+        return
     try:
         expected = expected_shapes(cfg)
     except (KeyError, TypeError, ZeroDivisionError) as e:
