@@ -70,6 +70,25 @@ def test_bad_requests_get_openai_errors(server, payload, status, param):
     still_serving(server)
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          None])  # fmt: skip
+def test_only_json_bodies_are_read(server, content_type):
+    """What a web page may POST to 127.0.0.1 without a CORS preflight is refused."""
+    headers = {**AUTH, "Content-Type": content_type} if content_type else dict(AUTH)
+    conn = http.client.HTTPConnection(*server.host_port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    data = json.dumps(body()).encode()
+    conn.putheader("Content-Length", str(len(data)))
+    conn.endheaders(data)
+    resp = conn.getresponse()
+    err = assert_error(resp.status, json.loads(resp.read()), 400)
+    assert "application/json" in err["message"]
+    conn.close()
+    still_serving(server)
+
+
 def test_a_prompt_longer_than_the_context(server):
     code, data = request(server, "POST", "/v1/chat/completions",
                          body(messages=[{"role": "user", "content": "hello " * 1500}]), AUTH)

@@ -1,4 +1,4 @@
-"""Tool-call parsing, the streaming answer filter and request validation (MLX-free parts)."""
+"""Tool-call parsing, the streaming answer filter, request validation and the prompt-cache LRU."""
 
 from __future__ import annotations
 
@@ -117,3 +117,41 @@ def test_thinking_controls_resolve_in_order():
     assert r.enable_thinking is True and r.template_kwargs == {"x": 1}
     r = parse_request(_body(max_completion_tokens=5, max_tokens=9, stop="END"))
     assert (r.max_tokens, r.stop) == (5, ["END"])
+
+
+def _filled_cache(n: int):
+    """A one-layer real KVCache holding n tokens."""
+    import mlx.core as mx
+
+    from qwen3_chat.models.cache import KVCache
+
+    c = KVCache()
+    c.update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
+    return [c]
+
+
+def test_prompt_cache_reuses_the_longest_prefix_and_stays_bounded():
+    from qwen3_chat.serve.prompt_cache import PromptCache, cache_bytes
+
+    pc = PromptCache(lambda: _filled_cache(0), max_entries=2, max_bytes=1 << 30)
+    a, b = list(range(10)), [1, 2, 3, 4, 5, 6]
+    pc.put(a, _filled_cache(10))
+    pc.put(b, _filled_cache(6))
+    cache, reused = pc.take([0, 1, 2, 3, 4, 5, 99, 100])  # shares 6 tokens with `a`
+    assert reused == 6 and cache[0].offset == 6  # trimmed to where they diverge
+    cache, reused = pc.take(list(range(10)))  # `a` was taken out: `b` shares nothing
+    assert reused == 0 and cache[0].offset == 0
+    cache, reused = pc.take([1, 2, 3, 4, 5, 6])  # the whole prompt is cached: keep one to feed
+    assert reused == 5
+    for i in range(3):  # at most two entries: the oldest go first
+        pc.put([50 + i] * 4, _filled_cache(4))
+    assert pc.stats()["entries"] == 2
+    assert pc.take([50, 50, 50, 1])[1] == 0 and pc.take([52, 52, 52, 1])[1] == 3
+    # The byte cap evicts too, and a cache alone bigger than the cap is not kept.
+    one = cache_bytes(_filled_cache(4))
+    small = PromptCache(lambda: _filled_cache(0), max_entries=8, max_bytes=one)
+    small.put([1] * 4, _filled_cache(4))
+    small.put([2] * 4, _filled_cache(4))
+    assert small.stats()["entries"] == 1 and small.stats()["bytes"] <= one
+    small.put([3] * 600, _filled_cache(600))
+    assert small.stats()["entries"] == 1 and small.take([3] * 600)[1] == 0

@@ -44,7 +44,13 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing (413) anything over `limit` bytes before reading it all."""
+    """The body as JSON, refusing (413) anything over `limit` bytes before reading it all.
+
+    Only `Content-Type: application/json`: a web page can send text/plain or form bodies
+    to 127.0.0.1 without a CORS preflight, and must not get to use the local model."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise bad("the request needs 'Content-Type: application/json'", code="bad_content_type")
     length = request.headers.get("content-length")
     too_big = ApiError(413, f"the request body is over the {limit}-byte limit",
                        code="request_too_large")  # fmt: skip
