@@ -85,6 +85,7 @@ def test_snapshots_are_bounded_in_count_and_bytes(model):
     one = snaps.nbytes // 2
     linear = [c for c in cache if isinstance(c, LinearCache)]
     assert one == sum(c.nbytes for c in linear)  # a point costs the linear layers' state
+    assert one == model.config.snapshot_bytes(compute_bytes=4)  # the formula in the README
     tight = Snapshots(max_bytes=one)
     tight.add(cache)
     feed(model, cache, IDS[30:40])

@@ -107,6 +107,20 @@ class HybridConfig:
     def rope_dims(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)  # type: ignore[operator]
 
+    def snapshot_bytes(self, compute_bytes: int = 2, batch: int = 1) -> int:
+        """Memory of one snapshot of every linear layer: the conv window ((kernel - 1) inputs
+        of the q|k|v channels, in the compute dtype) plus the float32 recurrent state
+        (value heads x Dk x Dv)."""
+        channels = 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
+            self.linear_num_value_heads * self.linear_value_head_dim
+        )
+        conv = (self.linear_conv_kernel_dim - 1) * channels * compute_bytes
+        recurrent = (
+            self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
+        )
+        linear_layers = sum(self.is_linear_layer(i) for i in range(self.num_hidden_layers))
+        return batch * linear_layers * (conv + recurrent)
+
     def is_linear_layer(self, index: int) -> bool:
         return self.layer_types[index] == LINEAR
 
