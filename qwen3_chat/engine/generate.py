@@ -9,10 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from qwen3_chat.engine.budget import CLOSING_TEXT, DEFAULT_GRACE, ThinkingBudget
+from qwen3_chat.engine.compiled import Decoder, decoder_for, eager_decode
 from qwen3_chat.engine.defaults import DEFAULT_MAX_TOKENS
 from qwen3_chat.engine.events import (
     AnswerText,
@@ -33,6 +35,9 @@ from qwen3_chat.engine.sampling import (
 )
 from qwen3_chat.errors import Qwen3ChatError, SettingsError
 from qwen3_chat.models.cache import KVCache
+
+if TYPE_CHECKING:  # speculative builds on this module's token layer
+    from qwen3_chat.engine.speculative import Speculation
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_PREFILL_STEP", "prefill", "stream_generate"]
 
@@ -85,10 +90,8 @@ def prefill(
         raise
 
 
-def decode_one_token(model, tokens: Sequence[int] | mx.array, cache: list[KVCache]) -> mx.array:
-    """Feed one token (or a forced run of tokens); returns the next-token logits [1, V]."""
-    x = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens), dtype=mx.int32)
-    return model(x.reshape(1, -1), cache=cache, last_only=True)[:, -1, :]
+# Feed one token (or a forced run of tokens); returns the next-token logits [1, V].
+decode_one_token: Decoder = eager_decode
 
 
 @dataclass
@@ -113,8 +116,10 @@ def generate_tokens(
     override: Override | None = None,
     prefill_step: int = DEFAULT_PREFILL_STEP,
     timing: TokenStream | None = None,
+    decoder: Decoder = decode_one_token,
 ) -> Iterator[tuple[int, bool]]:
-    """The token layer: yield (token id, forced) pairs, endlessly; the caller stops it."""
+    """The token layer: yield (token id, forced) pairs, endlessly; the caller stops it.
+    `decoder` runs one step (engine.compiled has a faster one than the eager forward)."""
     timing = timing or TokenStream()
     # Generated tokens so far, kept as a lazy array: the step for token n+1 is queued
     # before token n is read back, and its penalties must already include token n.
@@ -128,7 +133,7 @@ def generate_tokens(
         if processors:
             history = mx.concatenate([history, fed.reshape(-1).astype(mx.int32)])
         with mx.stream(generation_stream()):
-            return pick(decode_one_token(model, fed, cache))
+            return pick(decoder(model, fed, cache))
 
     timing.start = time.perf_counter()
     timing.prefill_tokens = len(prompt_ids)
@@ -257,6 +262,8 @@ def stream_generate(
     logits_processors: Sequence[LogitsProcessor] = (),
     context_length: int | None = None,
     in_think: bool | None = None,
+    decoder: Decoder | None = None,
+    speculation: Speculation | None = None,
 ) -> Iterator[Event]:
     """Generate a reply to `prompt_ids`, yielding reasoning/answer text and a final Finished.
 
@@ -266,7 +273,8 @@ def stream_generate(
     it, `prompt_tokens` the whole prompt's length (for stats), and `in_think` whether the
     whole prompt ends inside an open <think> (None: judged from `prompt_ids`, which only
     works when the cached part cannot matter). `context_length` defaults to the model's
-    max_position_embeddings.
+    max_position_embeddings. `decoder` defaults to the model's compiled step where it has
+    one; `speculation` (engine.speculative) drafts tokens and verifies them exactly.
     """
     prompt_ids = list(prompt_ids)
     cache = cache if cache is not None else model.make_cache()
@@ -291,10 +299,17 @@ def stream_generate(
 
     timing = TokenStream()
     mx.reset_peak_memory()
-    tokens = generate_tokens(
-        model, prompt_ids, cache, make_sampler(sampling),
-        [*make_logits_processors(sampling), *logits_processors], override, prefill_step, timing,
-    )  # fmt: skip
+    processors = [*make_logits_processors(sampling), *logits_processors]
+    if speculation is not None and speculation.applies(model, cache):
+        tokens = speculation.tokens(
+            model, prompt_ids, cache, sampling, processors, override, prefill_step, timing,
+            limit=context,
+        )  # fmt: skip
+    else:
+        tokens = generate_tokens(
+            model, prompt_ids, cache, make_sampler(sampling), processors, override,
+            prefill_step, timing, decoder or decoder_for(model),
+        )  # fmt: skip
     text = TurnText(tokenizer, phase)
     generated: list[int] = []
     room = context - held - len(prompt_ids) if context else None  # tokens left to generate

@@ -6,13 +6,11 @@ block, RMSNorm everywhere, optional tied embeddings. The KV cache is passed in e
 
 from __future__ import annotations
 
-import re
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from qwen3_chat.models.cache import KVCache
-from qwen3_chat.models.config import ModelConfig
+from qwen3_chat.models.config import EXPERT_KEY, ModelConfig
 from qwen3_chat.models.moe import SparseMoeBlock, swiglu
 from qwen3_chat.models.rope import make_rope
 
@@ -36,23 +34,34 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
         self.rope = rope
 
-    def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
-        """With last_only, every position's keys/values reach the cache but only the last
-        position queries: the final layer of a prefill needs nothing more."""
+    def project(
+        self, x: mx.array, offset: int | mx.array, last_only: bool = False
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values [B, heads, n, head_dim], rotated to start at `offset`
+        (an array offset lets a compiled decode step skip re-tracing per position)."""
         b, n, _ = x.shape
-        offset = cache.offset if cache is not None else 0
         k = self.k_norm(self.k_proj(x).reshape(b, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         xq = x[:, -1:, :] if last_only else x
         nq = xq.shape[1]
         q = self.q_norm(self.q_proj(xq).reshape(b, nq, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        q, k = self.rope(q, offset=offset + n - nq), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        return self.rope(q, offset=offset + n - nq), self.rope(k, offset=offset), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """Attention of q over the (cached) keys/values, heads merged: [B, nq, heads*hd]."""
+        b, _, nq, _ = q.shape
         # "causal" aligns to the bottom-right, so it also holds for a chunk after cached tokens.
         mask = "causal" if nq > 1 else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, nq, -1))
+        return out.transpose(0, 2, 1, 3).reshape(b, nq, -1)
+
+    def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
+        """With last_only, every position's keys/values reach the cache but only the last
+        position queries: the final layer of a prefill needs nothing more."""
+        q, k, v = self.project(x, cache.offset if cache is not None else 0, last_only)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.o_proj(self.attend(q, k, v))
 
 
 class MLP(nn.Module):
@@ -80,6 +89,10 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
         residual = x[:, -1:, :] if last_only else x
         h = residual + self.self_attn(self.input_layernorm(x), cache, last_only)
+        return self.feed_forward(h)
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        """The second residual block: MLP (or experts) over the post-attention norm."""
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -116,7 +129,11 @@ class Model(nn.Module):
         """inputs: int32 [B, L] -> logits [B, L, vocab] ([B, 1, vocab] with last_only)."""
         # With last_only, the last layer's MLP, the norm and lm_head run on one position:
         # prefill needs only the next-token logits.
-        h = self.model.norm(self.model(inputs, cache, last_only))
+        return self.head(self.model(inputs, cache, last_only))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm and output projection: hidden states -> logits."""
+        h = self.model.norm(h)
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -134,10 +151,9 @@ class Model(nn.Module):
         if self.config.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         # HF stores experts one by one; we stack them into [E, out, in] per projection.
-        expert_key = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+_proj)\.(\w+)$")
         groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
         for key in [k for k in weights if ".mlp.experts." in k]:
-            m = expert_key.match(key)
+            m = EXPERT_KEY.match(key)
             if m is None:
                 continue
             prefix, e, proj, kind = m.groups()
