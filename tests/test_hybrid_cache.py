@@ -34,17 +34,18 @@ def fresh(model, ids):
     return feed(model, model.make_cache(), ids)
 
 
-def test_requested_snapshot_is_taken_where_the_prompt_ends(model):
+@pytest.mark.parametrize("at, step", [(50, 32), (45, None), (40, 32)])
+def test_requested_snapshot_is_taken_at_a_chunk_end_or_inside_a_chunk(model, at, step):
     cache, snaps = model.make_cache(), Snapshots()
-    snaps.request(cache, 50)
-    feed(model, cache, IDS[:50], step=32)  # a prefill in chunks ending at 50
+    snaps.request(cache, at)
+    feed(model, cache, IDS[:50], step=step)  # a prefill of 50, in one call or in chunks
     for t in IDS[50:55]:  # decode steps move on
         model(mx.array([[t]]), cache=cache)
     snaps.collect(cache)
-    assert [p[0] for p in snaps.points] == [50]
-    assert snaps.rewind(cache, 50) == 50
-    assert all(c.offset == 50 for c in cache)
-    got = feed(model, cache, IDS[50:80])
+    assert [p[0] for p in snaps.points] == [at]
+    assert snaps.rewind(cache, at) == at
+    assert all(c.offset == at for c in cache)
+    got = feed(model, cache, IDS[at:80])
     np.testing.assert_allclose(got, fresh(model, IDS[:80]), rtol=0, atol=1e-5)
 
 

@@ -89,10 +89,21 @@ class LinearCache:
         self.recurrent: mx.array | None = None  # [B, heads, Dk, Dv], float32
         self.offset = 0
         self._previous: LinearSnapshot | None = None
-        # A prefill's last chunk ends where the prompt ends: asked for, the state there is
-        # kept (decode steps overwrite it at once), for the next turn to resume from.
+        # Asked for, the state after `snapshot_at` tokens is kept as `marked` (even inside a
+        # prefill chunk: the layer splits its work there), for a later turn to resume from.
         self.snapshot_at: int | None = None
         self.marked: LinearSnapshot | None = None
+
+    def split_for_snapshot(self, tokens: int) -> int | None:
+        """Where inside an update of `tokens` a requested snapshot falls (1..tokens-1)."""
+        if self.snapshot_at is None:
+            return None
+        k = self.snapshot_at - self.offset
+        return k if 0 < k < tokens else None
+
+    def mark(self, conv: mx.array, recurrent: mx.array, tokens: int) -> None:
+        """The state `tokens` into the update now being made (see split_for_snapshot)."""
+        self.marked = LinearSnapshot(self.offset + tokens, conv, recurrent)
 
     def update(self, conv: mx.array, recurrent: mx.array, tokens: int) -> None:
         self._previous = self.snapshot()
@@ -168,7 +179,7 @@ class Snapshots:
         self._keep(min(c.offset for c in cache), snaps)
 
     def request(self, cache: list[LayerCache], offset: int) -> None:
-        """Have the linear layers keep their state when an update ends at `offset`."""
+        """Have the linear layers keep their state after `offset` tokens (see collect)."""
         for c in cache:
             if isinstance(c, LinearCache):
                 c.snapshot_at, c.marked = offset, None

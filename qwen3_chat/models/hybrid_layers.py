@@ -116,7 +116,17 @@ class GatedDeltaNet(nn.Module):
         g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
             a.astype(mx.float32) + self.dt_bias.astype(mx.float32)
         )
-        out, state = gated_delta(q, k, v, g, beta, cache.recurrent if cache is not None else None)
+        state = cache.recurrent if cache is not None else None
+        split = cache.split_for_snapshot(s) if cache is not None else None
+        if split is None:
+            out, state = gated_delta(q, k, v, g, beta, state)
+        else:  # a snapshot is wanted inside this chunk: run up to it, keep it, go on
+            first, state = gated_delta(q[:, :split], k[:, :split], v[:, :split],
+                                       g[:, :split], beta[:, :split], state)  # fmt: skip
+            cache.mark(window[:, split : split + self.kernel - 1], state, split)  # type: ignore[union-attr]
+            rest, state = gated_delta(q[:, split:], k[:, split:], v[:, split:],
+                                      g[:, split:], beta[:, split:], state)  # fmt: skip
+            out = mx.concatenate([first, rest], axis=1)
         if cache is not None:
             cache.update(window[:, -(self.kernel - 1) :], state, s)
         out = self.norm(out, z)
