@@ -141,6 +141,12 @@ def test_a_saved_file_is_checked_field_by_field(demo):
         check_saved([1, 2])
 
 
+def test_every_command_is_in_help_and_completion():
+    from qwen3_chat.cli.commands import COMMANDS, HANDLERS
+
+    assert set(HANDLERS) | {"/exit", "/quit"} == set(COMMANDS)  # /help and Tab read COMMANDS
+
+
 # -- input ------------------------------------------------------------------------------------
 def test_triple_quote_blocks():
     assert block_open('"""') and block_open('"""\nline') and block_open('"""a\n"""b"""')
