@@ -2,17 +2,20 @@
 
 Rank 0 runs the checks through the library (logits of a whole sequence, a cached
 prefill, greedy tokens through stream_generate and ChatSession) and writes them as JSON;
-the other ranks follow its commands. argv: MODEL_DIR OUT_JSON [KILL_RANK]
+the other ranks follow its commands. argv: MODEL_DIR OUT_JSON; with MISSING_ON_RANK=r,
+rank r looks for the model where there is none.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 
+from qwen3_chat.distributed.group import PipelineError
 from qwen3_chat.distributed.hosts import model_digest
 from qwen3_chat.distributed.pipeline import PipelineModel
 from qwen3_chat.distributed.worker import follow, join
@@ -23,8 +26,15 @@ def main() -> None:
     group = mx.distributed.init(strict=True, backend="ring")
     rank, size = group.rank(), group.size()
     names = [f"127.0.0.1#{r}" for r in range(size)]
-    joined = join(group, model_dir, model_digest(model_dir), bits=None, dtype=mx.float32,
-                  names=names)  # fmt: skip
+    digest = model_digest(model_dir)
+    if os.environ.get("MISSING_ON_RANK") == str(rank):  # this "host" lacks the model
+        model_dir = model_dir.parent / "absent"
+    try:
+        joined = join(group, model_dir, digest, bits=None, dtype=mx.float32, names=names)
+    except PipelineError as e:
+        if rank == 0:
+            Path(out).write_text(json.dumps({"error": str(e)}))
+        return
     held = {"rank": rank, "names": joined.stage.parameter_names(),
             "nbytes": joined.stage.nbytes, "active": mx.get_active_memory()}  # fmt: skip
     Path(f"{out}.rank{rank}").write_text(json.dumps(held))

@@ -42,11 +42,12 @@ def _free(port: int) -> bool:
     return True
 
 
-def launch(ranks: int, model: Path, out: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+def launch(ranks: int, model: Path, out: Path, timeout: float = 90,
+           **env: str) -> subprocess.CompletedProcess:  # fmt: skip
     assert MLX_LAUNCH, "mlx.launch is not installed beside this python"
     cmd = [MLX_LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port_block(ranks)),
            sys.executable, str(HERE / "distributed_rank.py"), str(model), str(out)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), **env}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -64,11 +65,12 @@ def single(model: Path) -> dict:
     return {"full": m(ids), "prefill": prefill, "step": step, "params": m.parameters(), "m": m}
 
 
-@pytest.mark.parametrize(("moe", "ranks"), [(False, 2), (True, 3)])
-def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, moe, ranks):
+@pytest.mark.parametrize(("moe", "ranks", "tied"), [(False, 2, True), (True, 3, False)])
+def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, moe, ranks, tied):
     from mlx.utils import tree_flatten
 
-    model = make_checkpoint(tmp_path / "m", tiny_config(moe=moe, num_hidden_layers=3))
+    cfg = tiny_config(moe=moe, num_hidden_layers=3, tie_word_embeddings=tied)
+    model = make_checkpoint(tmp_path / "m", cfg)
     out = tmp_path / "out.json"
     run = launch(ranks, model, out)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -91,8 +93,10 @@ def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, mo
     )
     names = [set(h["names"]) for h in held]
     assert set().union(*names) == set(everything)
-    assert sum(len(n) for n in names) == len(everything)  # nothing held twice (untied)
-    assert "model.embed_tokens.weight" in names[0] and "lm_head.weight" in names[-1]
+    # Nothing held twice, but a tied embedding: the first rank embeds, the last projects.
+    assert sum(len(n) for n in names) == len(everything) + (1 if tied else 0)
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert "model.embed_tokens.weight" in names[0] and head in names[-1]
     total = sum(v.nbytes for v in everything.values())
     for h in held:
         assert h["nbytes"] == sum(everything[k].nbytes for k in h["names"])
@@ -106,8 +110,9 @@ def test_chat_session_greedy_tokens_match(tmp_path, qwen3_tokenizer_dir):
     from qwen3_chat.chat.tokenizer import Tokenizer
     from qwen3_chat.engine.events import Finished
 
-    cfg = tiny_config(num_hidden_layers=3, vocab_size=151936, tie_word_embeddings=True)
-    model = make_checkpoint(tmp_path / "m", cfg, tokenizer_dir=qwen3_tokenizer_dir)
+    # Untied: a tiny tied model repeats one token, which would prove little.
+    cfg = tiny_config(num_hidden_layers=3, vocab_size=151936)
+    model = make_checkpoint(tmp_path / "m", cfg, seed=1, tokenizer_dir=qwen3_tokenizer_dir)
     out = tmp_path / "out.json"
     run = launch(3, model, out)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -118,6 +123,14 @@ def test_chat_session_greedy_tokens_match(tmp_path, qwen3_tokenizer_dir):
     turns = [list([e for e in chat.send(t) if isinstance(e, Finished)][-1].token_ids)
              for t in ("Hello there", "And again?")]  # fmt: skip
     assert got["chat"] == turns
-    # tied embeddings: the first and last ranks both hold the embedding, the middle one not
-    held = [json.loads(Path(f"{out}.rank{r}").read_text())["names"] for r in range(3)]
-    assert ["model.embed_tokens.weight" in h for h in held] == [True, False, True]
+    assert len(set(turns[0])) > 6  # varied tokens, not one repeated
+
+
+def test_a_rank_without_the_model_fails_before_anyone_loads(tmp_path):
+    model = make_checkpoint(tmp_path / "m", tiny_config())
+    out = tmp_path / "out.json"
+    run = launch(3, model, out, MISSING_ON_RANK="2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    error = json.loads(out.read_text())["error"]
+    assert error.startswith("distributed: 127.0.0.1#2: model ") and "missing" in error
+    assert not list(tmp_path.glob("out.json.rank*"))  # no rank got as far as loading

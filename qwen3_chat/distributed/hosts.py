@@ -107,3 +107,16 @@ def model_digest(path: str | Path) -> str:
     if single.is_file():
         h.update(f"model.safetensors:{single.stat().st_size}".encode())
     return h.hexdigest()
+
+
+def probe(path: str) -> dict[str, str]:
+    """What `qwen3 hosts check` asks every host: its qwen3-chat version and model digest."""
+    from qwen3_chat import __version__
+
+    return {"version": __version__, "digest": model_digest(path)}
+
+
+if __name__ == "__main__":  # python -m qwen3_chat.distributed.hosts MODEL_DIR
+    import sys
+
+    print(json.dumps(probe(sys.argv[1])))

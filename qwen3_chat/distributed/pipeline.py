@@ -9,11 +9,9 @@ becomes one PipelineError instead of a hang; Ctrl-C still reaches the caller at 
 
 from __future__ import annotations
 
-import queue
-import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import mlx.core as mx
 
@@ -24,42 +22,15 @@ from qwen3_chat.distributed.group import (
     PipelineError,
     step_timeout,
 )
+from qwen3_chat.distributed.runner import Runner
 from qwen3_chat.distributed.stage import Stage
+from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP
 from qwen3_chat.models.cache import KVCache
 
 # describe(error or None for a timeout) -> the one line that names the rank/host at fault.
 Describe = Callable[[BaseException | None], str]
-
-
-class _Runner:
-    """One daemon thread that builds and evaluates every graph that talks to the ring, in
-    order; callers wait with a deadline. (MLX streams belong to the thread that made them,
-    so the graph is built on the thread that evaluates it.)"""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=self._loop, daemon=True, name="qwen3-pipeline").start()
-
-    def _loop(self) -> None:
-        stream = mx.new_stream(mx.default_device())
-        while True:
-            job, done, box = self._jobs.get()
-            try:
-                with mx.stream(stream):
-                    box.append(job())
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                box.append(e)
-            done.set()
-
-    def run(self, job: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
-        """(finished in time, job's result); the job's errors are re-raised here."""
-        done, box = threading.Event(), []
-        self._jobs.put((job, done, box))
-        if not done.wait(timeout):
-            return False, None
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return True, box[0]
+# on_fault(line): told before the PipelineError is raised (the CLI stops every rank there).
+OnFault = Callable[[str], None]
 
 
 class PipelineCache:
@@ -73,6 +44,7 @@ class PipelineCache:
 
     @property
     def offset(self) -> int:
+        self._owner._settle()  # a step cut off by Ctrl-C may still be filling the layers
         return min((c.offset for c in self.local), default=0)
 
     def can_trim(self, n: int) -> bool:
@@ -100,17 +72,19 @@ class PipelineModel:
     """Rank 0 of a pipeline: embeds, runs its layers, and gets the logits back."""
 
     def __init__(self, stage: Stage, group: Any, *, wire: mx.Dtype,
-                 describe: Describe | None = None):  # fmt: skip
+                 describe: Describe | None = None, runner: Runner | None = None,
+                 on_fault: OnFault | None = None):  # fmt: skip
         if not stage.first:
             raise PipelineError("rank 0 must hold the first layers")
         self.stage, self.group, self.wire = stage, group, wire
         self.config = stage.config
         self.size = group.size()
         self._describe = describe or _default_describe(self.size)
-        self._runner = _Runner()
+        self._runner = runner or Runner()
         self._next_id = NO_CACHE + 1
         self._dropped: list[int] = []  # caches gone on rank 0, to be freed on the followers
         self._failed: str | None = None
+        self.on_fault = on_fault
 
     # -- what the engine and the session use ------------------------------------------------
     def make_cache(self) -> list[PipelineCache]:
@@ -142,6 +116,7 @@ class PipelineModel:
 
     def close(self) -> None:
         """Tell the followers to exit (best effort: they may be gone already)."""
+        self.on_fault = None  # closing: a rank already gone is no news
         if self._failed is None:
             try:
                 self._command(Header(Op.EXIT))
@@ -157,6 +132,10 @@ class PipelineModel:
     def _command(self, header: Header) -> None:
         self._wait(lambda: mx.eval(self._header(header)), step_timeout(0))
 
+    def _settle(self) -> None:
+        """Wait until every step already sent has finished here."""
+        self._wait(lambda: None, step_timeout(DEFAULT_PREFILL_STEP))
+
     def _forget(self, cache_id: int) -> None:
         self._dropped.append(cache_id)  # from a finalizer: no communication here
 
@@ -168,14 +147,18 @@ class PipelineModel:
         if self._failed is not None:
             raise PipelineError(self._failed)
         try:
-            ok, result = self._runner.run(job, timeout)
+            ok, result = self._runner.submit(job).wait(timeout)
         except RuntimeError as e:  # the ring reports a lost peer as a RuntimeError
-            self._failed = self._describe(e)
-            raise PipelineError(self._failed) from None
+            self._fault(self._describe(e))
         if not ok:
-            self._failed = self._describe(None)
-            raise PipelineError(self._failed)
+            self._fault(self._describe(None))
         return result
+
+    def _fault(self, line: str) -> NoReturn:
+        self._failed = line
+        if self.on_fault is not None:
+            self.on_fault(line)
+        raise PipelineError(line)
 
 
 def _default_describe(size: int) -> Describe:
