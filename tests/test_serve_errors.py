@@ -60,6 +60,7 @@ def assert_error(status: int, data, expected: int, param: str | None = None) -> 
     (body(temperature="warm"), 400, "temperature"),
     (body(max_tokens="10"), 400, "max_tokens"),
     (body(top_k=1.5), 400, "top_k"),
+    (body(top_p=0), 400, None),  # a valid number, refused by the sampler's own rule
     (body(messages=[]), 400, "messages"),  # empty messages
     (body(messages=[{"role": "system", "content": "only a system prompt"}]), 400, "messages"),
     (body(model="no-such-model"), 404, "model"),  # unknown model
@@ -116,8 +117,9 @@ def test_a_body_over_the_limit(server):
 def test_a_missing_or_wrong_key_is_refused(server, headers):
     code, data = request(server, "POST", "/v1/chat/completions", body(), headers)
     assert_error(code, data, 401)
-    code, data = request(server, "GET", "/v1/models", None, headers)
-    assert_error(code, data, 401)
+    for path in ("/v1/models", "/health"):
+        code, data = request(server, "GET", path, None, headers)
+        assert_error(code, data, 401)
     still_serving(server)
 
 
@@ -151,10 +153,22 @@ def test_a_full_queue_answers_429_and_frees_up(server):
     assert err["type"] == "rate_limit_error"
     conn.close()  # the client leaves: its generation is cancelled, the queue frees up
     for _ in range(1000):  # until the server has seen the disconnect (no fixed sleep)
-        _, health = request(server, "GET", "/health")
+        _, health = request(server, "GET", "/health", None, AUTH)
         if health["queue"]["running"] + health["queue"]["waiting"] == 0:
             break
     assert health["requests"]["rejected"] >= 1 and health["requests"]["cancelled"] >= 1
     (dropped,) = [r for r in health["recent"] if r["finish_reason"] == "cancelled"]
     assert dropped["completion_tokens"] < 900  # cut short, not run to the end
+    still_serving(server)
+
+
+def test_requests_addressed_to_another_host_name_are_refused(server):
+    """DNS rebinding: a page whose name now points at 127.0.0.1 sends its own Host."""
+    code, data = request(server, "POST", "/v1/chat/completions", body(),
+                         {**AUTH, "Host": "evil.example:8000"})  # fmt: skip
+    assert assert_error(code, data, 400)["code"] == "bad_host"
+    port = server.host_port[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        code, data = request(server, "GET", "/v1/models", None, {**AUTH, "Host": host})
+        assert code == 200, (host, data)
     still_serving(server)

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 
 import typer
 
 from qwen3_chat.cli.usage import check_bits_option, usage_exit
-
-LOOPBACK_NAMES = ("localhost",)
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname: it may resolve to anything
 
 
 def serve(
@@ -50,11 +38,12 @@ def serve(
     check_bits_option(bits)
     if api_key is not None and not api_key.strip():
         raise usage_exit("--api-key must not be empty")
-    if not _is_loopback(host) and api_key is None:
+    from qwen3_chat.serve.app import bind, is_loopback
+    from qwen3_chat.serve.app import serve as run
+
+    if not is_loopback(host) and api_key is None:
         raise usage_exit(f"binding {host} exposes the model to the network: give --api-key "
                      "(or QWEN3_API_KEY), or bind 127.0.0.1")  # fmt: skip
-    from qwen3_chat.serve.app import bind
-    from qwen3_chat.serve.app import serve as run
 
     try:
         sock = bind(host, port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -131,13 +132,36 @@ async def _collect(job: Job) -> Result:
             return value
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 def create_app(engine: ServeEngine, *, model_ids: Iterable[str], api_key: str | None = None,
-               max_body: int = DEFAULT_MAX_BODY) -> Starlette:  # fmt: skip
-    """The ASGI app; `model_ids` are the names a request may use for the served model."""
+               max_body: int = DEFAULT_MAX_BODY,
+               local_only: bool = False) -> Starlette:  # fmt: skip
+    """The ASGI app; `model_ids` are the names a request may use for the served model;
+    `local_only` (a loopback bind) refuses requests addressed to any other host name."""
     ids = list(dict.fromkeys(model_ids))
     created = int(time.time())
 
     def check_key(request: Request) -> None:
+        """The API key when one is set; on loopback, also the Host header: a page whose
+        name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name there."""
+        if local_only and not is_loopback(host_name(request.headers.get("host", ""))):
+            raise ApiError(400, "this server answers only requests addressed to "
+                           "127.0.0.1 or localhost", code="bad_host")  # fmt: skip
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -188,6 +212,7 @@ def create_app(engine: ServeEngine, *, model_ids: Iterable[str], api_key: str | 
         return JSONResponse(model_card(mid))
 
     async def health(request: Request) -> Response:
+        check_key(request)  # it lists recent requests: as private as the rest
         return JSONResponse(engine.health())
 
     async def on_api_error(request: Request, e: Exception) -> Response:
@@ -242,7 +267,9 @@ def serve(engine: ServeEngine, sock: socket.socket, *, model_ids: Iterable[str],
     """Run until SIGINT/SIGTERM; open generations are cancelled and streams told so."""
     import uvicorn
 
-    app = create_app(engine, model_ids=model_ids, api_key=api_key, max_body=max_body)
+    local = is_loopback(sock.getsockname()[0])
+    app = create_app(engine, model_ids=model_ids, api_key=api_key, max_body=max_body,
+                     local_only=local)  # fmt: skip
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
                             server_header=False, access_log=False)  # fmt: skip
 
