@@ -11,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from qwen3_chat.engine.generate import cache_offset, rewind
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the shared start of two id lists (one vectorised compare, not a loop)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(differ[0]) if differ.size else n
 
 
 class PromptCache:

@@ -94,6 +94,11 @@ class ChatSession:
         self.last_stats: GenerationStats | None = None
         self._cache = PromptCache(model.make_cache)
         self._turn: Turn | None = None
+        # The REPL asks for context_used after every reply: answered from the last count
+        # while the conversation is unchanged.
+        self._context_memo: tuple[tuple, int] = ((), 0)
+        # engine.speculative policy (None: plain decoding), set by the CLI.
+        self.speculation = None
 
     # -- settings (validated on every assignment) --------------------------------------
     @property
@@ -186,15 +191,18 @@ class ChatSession:
         text = self.tokenizer.apply_chat_template(
             conv, add_generation_prompt=True, enable_thinking=thinking
         )
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_chat(text)  # turn N encodes only its new messages
 
     @property
     def context_used(self) -> int:
         conv = self._conversation(self._messages)
         if not conv:
             return 0
-        text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
-        return len(self.tokenizer.encode(text))
+        key = tuple((m["role"], m["content"], m.get("reasoning_content")) for m in conv)
+        if key != self._context_memo[0]:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
+            self._context_memo = (key, len(self.tokenizer.encode_chat(text)))
+        return self._context_memo[1]
 
     # -- turns -------------------------------------------------------------------------
     def send(self, text: str) -> Iterator[Event]:
@@ -323,6 +331,7 @@ class ChatSession:
             # From the whole prompt: with a prompt cache, a <think> the template opened
             # (Thinking-2507) may be in the cached part that is never decoded again.
             in_think=ThinkPhase.ends_inside(ids, tok.think_start_id, tok.think_end_id),
+            speculation=self.speculation,
         ):
             if isinstance(ev, ThinkingDone):
                 turn.budget_hit = ev.budget_hit
