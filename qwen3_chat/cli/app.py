@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from qwen3_chat import __version__
 from qwen3_chat.cli import conversations as cli_conversations
+from qwen3_chat.cli import hosts as cli_hosts
 from qwen3_chat.cli import models as cli_models
 from qwen3_chat.cli import serve as cli_serve
 from qwen3_chat.cli import show as cli_show
@@ -193,6 +194,9 @@ def chat(
         help="Attach a UTF-8 text file to the first message (repeatable)."),
     resume: str | None = typer.Option(None, "--resume", metavar="[ID]",
         help="Continue the latest saved conversation, or ID (`qwen3 conversations`)."),
+    hosts: str | None = typer.Option(None, "--hosts", metavar="FILE", help=cli_hosts.HOSTS_HELP),
+    parallel: str | None = typer.Option(None, "--parallel", help=cli_hosts.PARALLEL_HELP),
+    backend: str | None = typer.Option(None, "--backend", help=cli_hosts.BACKEND_HELP),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
     check_bits_option(bits)
@@ -212,7 +216,8 @@ def chat(
     from qwen3_chat.cli.progress import open_with_status
     from qwen3_chat.hub.open import default_model_name
 
-    loaded = open_with_status(model_name or default_model_name(), bits=bits)
+    loaded = cli_hosts.open_chat_model(model_name or default_model_name(), bits=bits,
+                                       hosts=hosts, parallel=parallel, backend=backend)
     _warn_unhonoured(think, loaded.name, loaded.capability)
     thinking = (loaded.capability != "never") if think is None else think
     session = ChatSession(
@@ -252,6 +257,7 @@ cli_show.register(app)
 cli_models.register(app)
 cli_serve.register(app)
 cli_conversations.register(app)
+cli_hosts.register(app)
 
 
 def main() -> None:

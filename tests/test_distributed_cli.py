@@ -1,0 +1,145 @@
+"""`qwen3 chat --hosts` and `qwen3 hosts check` on loopback: real processes, real ring.
+
+The hostfile lists 127.0.0.1 several times; rank 0 is the qwen3 process itself and starts
+the followers. Faults are real: a follower is killed or stopped mid-generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from checkpoints import make_checkpoint, tiny_config
+
+QWEN3 = [sys.executable, "-m", "qwen3_chat"]
+
+
+def hostfile(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / f"hosts{n}.json"
+    path.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * n}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    # Untied and seeded so greedy decoding gives varied tokens (a tiny tied model repeats one).
+    cfg = tiny_config(moe=True, num_hidden_layers=3, vocab_size=151936)
+    return make_checkpoint(tmp_path_factory.mktemp("moe"), cfg, seed=1,
+                           tokenizer_dir=qwen3_tokenizer_dir)  # fmt: skip
+
+
+def workers_of(model: Path) -> list[int]:
+    """Follower processes still running on `model` (their command line names it)."""
+    out = subprocess.run(["pgrep", "-f", f"distributed.worker --model {model}"],
+                         capture_output=True, text=True)  # fmt: skip
+    return [int(p) for p in out.stdout.split()]
+
+
+def followers(pid: int) -> list[int]:
+    """The follower processes qwen3 (pid) started, in rank order."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(k) for k in kids)
+
+
+def chat(model: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [*QWEN3, "chat", "-m", str(model), "--temp", "0", "--no-budget", "--max-tokens", "12",
+           "--json", "Hello there", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_chat_across_ranks_answers_like_one_process(tmp_path, model_dir, ranks):
+    one = chat(model_dir)
+    assert one.returncode == 0, one.stderr
+    many = chat(model_dir, "--hosts", str(hostfile(tmp_path, ranks)))
+    assert many.returncode == 0, many.stderr
+    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    assert b["answer"] == a["answer"] and b["usage"] == a["usage"]
+    assert len(set(a["answer"].split())) > 3
+    assert many.stderr == ""
+    assert workers_of(model_dir) == []  # every follower ended with rank 0
+
+
+def _start_stream(model: Path, hosts: Path, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [*QWEN3, "chat", "-m", str(model), "--temp", "0", "--no-budget", "--max-tokens",
+           "100000", "--jsonl", "Tell me a long story", "--hosts", str(hosts)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env={**os.environ, **env})  # fmt: skip
+
+
+@pytest.mark.parametrize(("sig", "expect"), [
+    (signal.SIGKILL, "distributed: rank 1 on 127.0.0.1 stopped"),
+    (signal.SIGSTOP, "distributed: no answer from the ranks on 127.0.0.1 in time"),
+])  # fmt: skip
+def test_a_rank_that_dies_or_hangs_stops_rank_0_with_one_line(tmp_path, model_dir, sig, expect):
+    proc = _start_stream(model_dir, hostfile(tmp_path, 3), {"QWEN3_DIST_TIMEOUT": "3"})
+    try:
+        assert proc.stdout.readline()  # generating: the first event arrived
+        victim = followers(proc.pid)[0]
+        os.kill(victim, sig)
+        t0 = time.monotonic()
+        proc.wait(timeout=20)
+        elapsed = time.monotonic() - t0
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if sig == signal.SIGSTOP and victim in workers_of(model_dir):  # rank 0 ends it
+            os.kill(victim, signal.SIGKILL)
+    assert proc.returncode == 1
+    assert elapsed < 10
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expect}"), err
+    assert workers_of(model_dir) == []  # rank 0 ended the others, the hung one included
+
+
+def test_ctrl_c_on_rank_0_stops_every_rank(tmp_path, model_dir):
+    proc = _start_stream(model_dir, hostfile(tmp_path, 3), {})
+    try:
+        assert proc.stdout.readline()
+        assert len(followers(proc.pid)) == 2
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr.read()
+    assert workers_of(model_dir) == []
+
+
+def test_hosts_check(tmp_path, model_dir):
+    hosts = hostfile(tmp_path, 2)
+    ok = subprocess.run([*QWEN3, "hosts", "check", str(hosts), "-m", str(model_dir)],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count(", model ok") == 2
+    # A host that cannot be reached is named, and the check fails.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                               {"ssh": "no-such-host.invalid", "ips": ["10.9.9.9"]}]))  # fmt: skip
+    run = subprocess.run([*QWEN3, "hosts", "check", str(bad), "-m", str(model_dir)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1
+    assert "MISSING rank 1 no-such-host.invalid: unreachable" in run.stdout
+    assert run.stderr.strip() == "error: 1 of 2 hosts not ready"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--parallel", "pipeline"], "error: --parallel and --backend need --hosts"),
+    (["--hosts", "HOSTS", "--backend", "nccl"], "error: --backend must be one of ring, jaccl, mpi"),
+    (["--hosts", "missing.json"], "error: missing.json: cannot read"),
+])  # fmt: skip
+def test_bad_distributed_options_are_one_line(tmp_path, model_dir, args, message):
+    args = [str(hostfile(tmp_path, 2)) if a == "HOSTS" else a for a in args]
+    run = chat(model_dir, *args)
+    assert run.returncode in (1, 2)
+    assert run.stderr.strip().startswith(message), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
