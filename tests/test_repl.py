@@ -210,6 +210,17 @@ def test_think_and_no_think_with_text_switch_mode_and_send_it(tmp_path):
     assert term.close() == 0
 
 
+def test_think_text_is_sent_even_when_the_model_cannot_think(tmp_path, never_model):
+    term = Term(["-m", str(never_model), "--seed", "0", "--max-tokens", "3"], tmp_path / "state")
+    term.prompt()
+    term.send("/think hello there")
+    term.expect("cannot think")
+    term.expect("tok/s")
+    assert saved_messages(term, tmp_path / "c.json", 2)[0]["content"] == "hello there"
+    term.send("/exit")
+    assert term.close() == 0
+
+
 def test_double_slash_sends_a_message_that_starts_with_a_slash(tmp_path):
     term = Term(DEMO, tmp_path / "state")
     term.prompt()

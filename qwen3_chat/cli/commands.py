@@ -131,7 +131,7 @@ def _settings(repl: Repl, arg: str) -> None:
 
 
 def _system(repl: Repl, arg: str) -> None:
-    repl.session.system = arg or None
+    repl.session.set_system(arg or None)
     repl.say(f"system prompt {'set' if arg else 'removed'}")
 
 
