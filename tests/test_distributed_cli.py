@@ -143,3 +143,23 @@ def test_bad_distributed_options_are_one_line(tmp_path, model_dir, args, message
     assert run.returncode in (1, 2)
     assert run.stderr.strip().startswith(message), run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_repl_across_ranks_retry_undo_exit(tmp_path, model_dir):
+    from pty_term import Term
+
+    one = json.loads(chat(model_dir).stdout)["answer"]
+    term = Term(["-m", str(model_dir), "--temp", "0", "--no-budget", "--max-tokens", "12",
+                 "--hosts", str(hostfile(tmp_path, 2))], tmp_path / "state")  # fmt: skip
+    term.prompt()
+    assert len(followers(term.child.pid)) == 1
+    term.ask("Hello there")
+    first = one.split()[0]
+    assert first in term.seen  # the same greedy answer as one process
+    term.ask("/retry")  # the cache rewinds on every rank, and the same answer comes again
+    assert first in term.seen
+    term.send("/undo")
+    term.prompt()
+    term.send("/exit")
+    assert term.close() == 0
+    assert workers_of(model_dir) == []
