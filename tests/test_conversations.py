@@ -95,7 +95,7 @@ def test_conversations_saved_each_turn_listed_and_resumed(tmp_path, monkeypatch,
     assert ConversationStore(folder).load(crashed)["messages"][-1]["content"] == "never lost"
 
     term = Term(["-m", "demo", "--temp", "0", "--no-think", "--resume"], state)
-    term.expect(f"resumed conversation {crashed}: 1 messages")
+    term.expect(f"resumed conversation {crashed}: 1 messages, saved with")
     term.expect("/retry answers it")
     term.ask("/retry")
     term.send("/exit")

@@ -162,12 +162,16 @@ class Repl:
     def _resume(self) -> None:
         conv_id = self.store.latest() if self.resume == "latest" else self.resume
         try:
-            self.restore(self.store.load(conv_id), check=True)
+            data = self.store.load(conv_id)
+            self.restore(data, check=True)
         except Qwen3ChatError as e:
             raise Qwen3ChatError(f"conversation {conv_id}: {e}") from None
         self.conversation_id = conv_id
         msgs = self.session.messages
-        self.say(f"resumed conversation {conv_id}: {len(msgs)} messages (/history shows them)")
+        other = data.get("model") not in (None, self.loaded.name)
+        note = f", saved with {sanitize(str(data['model']))}" if other else ""
+        self.say(f"resumed conversation {conv_id}: {len(msgs)} messages{note} "
+                 "(/history shows them)")  # fmt: skip
         if msgs and msgs[-1]["role"] == "user":
             self.say("its last question has no answer yet: /retry answers it", "yellow")
 
