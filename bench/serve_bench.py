@@ -4,7 +4,8 @@
     python bench/serve_bench.py --tokens 32 --concurrency 1 4
 
 Both servers load the same checkpoint (random weights, the real Qwen3 tokenizer and
-vocabulary) and run one after the other on the same machine, never at once. Each stream
+vocabulary) and stay up side by side; rounds alternate between them (never both at once)
+and medians over `--reps` rounds are reported. Each stream
 asks a different question (no shared prompt cache), greedy, thinking off, a fixed number
 of tokens. Reported per concurrency: median time to first token, median per-stream decode
 tokens/s, and total tokens/s over the wall time of the whole batch. Not a test.
@@ -143,26 +144,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--reps", type=int, default=2, help="alternating rounds; medians")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = ap.parse_args()
 
     path = make_checkpoint(Path(tempfile.mkdtemp(prefix="serve-bench-")),
                            tiny_config(**BENCH_MODEL), tokenizer_dir=args.tokenizer)  # fmt: skip
-    rows = []
-    for kind in ("ours", "mlx_lm"):
-        proc, port, model = start_server(kind, path)
-        try:
+    servers: dict[str, tuple[subprocess.Popen, int, str]] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
+    try:  # both stay up; rounds alternate between them so load on the host hits both alike
+        for kind in ("ours", "mlx_lm"):
+            servers[kind] = start_server(kind, path)
+        for rep in range(args.reps):
             for c in args.concurrency:
-                rows.append({"server": kind, "concurrency": c,
-                             **load(port, model, c, args.tokens, len(rows))})  # fmt: skip
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        finally:
+                for kind, (_, port, model) in servers.items():
+                    r = load(port, model, c, args.tokens, rep * 100 + c)
+                    runs.setdefault((kind, c), []).append(r)
+                    print(json.dumps({"server": kind, "concurrency": c, **r}), file=sys.stderr,
+                          flush=True)  # fmt: skip
+    finally:
+        for proc, _, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
+    rows = [{"server": kind, "concurrency": c,
+             **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+            for (kind, c), rs in runs.items()]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"tokens": args.tokens, "model": BENCH_MODEL, "rows": rows},
-                                   indent=2))  # fmt: skip
+    args.out.write_text(json.dumps({"tokens": args.tokens, "reps": args.reps, "model": BENCH_MODEL,
+                                    "rows": rows}, indent=2))  # fmt: skip
     print("| streams | server | TTFT median ms (max) | per-stream tok/s | total tok/s |")
     print("|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["server"] != "ours")):
