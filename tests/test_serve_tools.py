@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -155,3 +157,9 @@ def test_prompt_cache_reuses_the_longest_prefix_and_stays_bounded():
     assert small.stats()["entries"] == 1 and small.stats()["bytes"] <= one
     small.put([3] * 600, _filled_cache(600))
     assert small.stats()["entries"] == 1 and small.take([3] * 600)[1] == 0
+
+
+def test_the_wire_format_and_parsers_import_without_mlx():
+    code = ("import sys, qwen3_chat.serve.schema, qwen3_chat.serve.tools, qwen3_chat.cli.serve; "
+            "sys.exit('mlx' in sys.modules)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
