@@ -18,13 +18,15 @@ KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 16384
 CONTEXT = 1024
-RULES = [Rule("", "Fine."), Rule("LONGANSWER", "word " * 900)]
+DEFAULT_BUDGET = 40  # this server's --budget: requests that say nothing get it
+RULES = [Rule("", "Fine."), Rule("LONGANSWER", "word " * 900),
+         Rule("THINKLONG", "Done.", "step " * 300)]
 
 
 @pytest.fixture(scope="module")
 def server(qwen3_tokenizer_dir):
     srv = start(scripted_cmd(qwen3_tokenizer_dir, RULES, api_key=KEY, max_queue=1,
-                             max_body=MAX_BODY, context=CONTEXT))  # fmt: skip
+                             max_body=MAX_BODY, context=CONTEXT, budget=DEFAULT_BUDGET))
     yield srv
     srv.stop()
 
@@ -172,3 +174,18 @@ def test_requests_addressed_to_another_host_name_are_refused(server):
         code, data = request(server, "GET", "/v1/models", None, {**AUTH, "Host": host})
         assert code == 200, (host, data)
     still_serving(server)
+
+
+def test_the_servers_default_budget_applies_unless_the_request_says_otherwise(server):
+    def reasoning_tokens(**extra) -> int:
+        code, data = request(server, "POST", "/v1/chat/completions",
+                             body(messages=[{"role": "user", "content": "THINKLONG"}], **extra),
+                             AUTH)  # fmt: skip
+        assert code == 200, data
+        assert data["choices"][0]["message"]["content"] == "Done."
+        return data["usage"]["completion_tokens_details"]["reasoning_tokens"]
+
+    default = reasoning_tokens()
+    assert DEFAULT_BUDGET <= default <= DEFAULT_BUDGET + 32 + 40  # budget + grace + closing
+    assert reasoning_tokens(reasoning_effort="medium") == default  # medium = the default
+    assert reasoning_tokens(thinking_budget=None) >= 300  # null: unbounded
