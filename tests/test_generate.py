@@ -224,6 +224,44 @@ def test_penalties_see_the_token_just_sampled(tiny):
     assert len(set(pen)) == len(pen)  # ...and a huge presence penalty forbids any repeat
 
 
+def test_running_penalties_match_penalties_over_the_history_through_a_replaced_token(tiny):
+    # The engine keeps running counts; processors over the generated ids are the reference.
+    # A sampled token replaced by a forced run (as the budget does) must leave no trace.
+    from qwen3_chat.engine.generate import generate_tokens
+    from qwen3_chat.engine.sampling import Penalties, make_logits_processors
+
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    params = SamplingParams(temperature=0, presence_penalty=1.5, repetition_penalty=1.5)
+    forced = tok.encode(" forced run")
+
+    def collect(**kw) -> tuple[list[int], list[np.ndarray], list[int]]:
+        seen, replaced, logits = [], [], []
+
+        def sample(x):
+            logits.append(np.array(x))
+            return mx.argmax(x, axis=-1)
+
+        def override(t):
+            if replaced or not seen or t in seen or t in forced:
+                return None
+            replaced.append(t)  # a token not generated before: its count must go back to 0
+            return forced
+
+        for t, _ in generate_tokens(model, ids, model.make_cache(), sample, override=override,
+                                    **kw):  # fmt: skip
+            seen.append(t)
+            if len(seen) == 12:
+                break
+        return seen, logits, replaced
+
+    running = collect(processors=(), penalties=Penalties(params))
+    reference = collect(processors=make_logits_processors(params))
+    assert running[2] and running[2] == reference[2] and running[0] == reference[0]
+    for a, b in zip(running[1], reference[1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_seeded_generation_is_reproducible(tiny):
     model, tok = tiny
     ids = tok.encode(PROMPT)

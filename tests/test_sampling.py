@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from qwen3_chat.engine.sampling import (
+    Penalties,
     SamplingParams,
     apply_processors,
     keep_min_p,
@@ -131,6 +132,30 @@ def test_penalties_compose_and_nothing_seen_changes_nothing():
     same = np.array(apply_processors(processors, [], mx.array(logits)))
     np.testing.assert_array_equal(same, logits)
     assert make_logits_processors(SamplingParams()) == []
+
+
+def test_running_penalties_equal_the_penalties_over_the_whole_history():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((1, 50)).astype(np.float32) * 3
+    params = SamplingParams(presence_penalty=0.7, repetition_penalty=1.3)
+    running, history = Penalties(params), []
+    for _ in range(3):
+        running(mx.array(logits))  # sizes the counts, as the first logits do in generation
+        for t in rng.integers(0, 50, 7).tolist():
+            running.add(mx.array([t]))
+            history.append(t)
+        ref = apply_processors(make_logits_processors(params), history, mx.array(logits))
+        np.testing.assert_allclose(np.array(running(mx.array(logits))), np.array(ref), rtol=1e-6)
+    # A token fed and then taken back (a replaced speculative step) leaves no trace, even
+    # when it had been generated before.
+    unseen = next(t for t in range(50) if t not in history)
+    for t in (history[0], unseen):
+        running.add(mx.array([t]))
+        running.add(mx.array([t]), -1)
+    ref = apply_processors(make_logits_processors(params), history, mx.array(logits))
+    np.testing.assert_allclose(np.array(running(mx.array(logits))), np.array(ref), rtol=1e-6)
+    fresh = Penalties(params)
+    np.testing.assert_array_equal(np.array(fresh(mx.array(logits))), logits)
 
 
 def test_seeded_sampling_is_reproducible_and_leaves_global_state_alone():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -28,8 +28,10 @@ from qwen3_chat.engine.events import (
 from qwen3_chat.engine.phase import Kind, ThinkPhase
 from qwen3_chat.engine.sampling import (
     LogitsProcessor,
+    Penalties,
     SamplingParams,
     apply_processors,
+    has_penalties,
     make_logits_processors,
     make_sampler,
 )
@@ -117,19 +119,26 @@ def generate_tokens(
     prefill_step: int = DEFAULT_PREFILL_STEP,
     timing: TokenStream | None = None,
     decoder: Decoder = decode_one_token,
+    penalties: Penalties | None = None,
 ) -> Iterator[tuple[int, bool]]:
     """The token layer: yield (token id, forced) pairs, endlessly; the caller stops it.
-    `decoder` runs one step (engine.compiled has a faster one than the eager forward)."""
+    `decoder` runs one step (engine.compiled has a faster one than the eager forward).
+    `penalties` (running counts) apply before `processors`, which see the ids generated."""
     timing = timing or TokenStream()
-    # Generated tokens so far, kept as a lazy array: the step for token n+1 is queued
-    # before token n is read back, and its penalties must already include token n.
+    # What was generated so far stays lazy: the step for token n+1 is queued before token
+    # n is read back, and its penalties must already include token n. The id array is
+    # only kept for `processors` (it is re-concatenated every token).
     history = mx.zeros((0,), dtype=mx.int32)
 
     def pick(logits: mx.array) -> mx.array:
+        if penalties is not None:
+            logits = penalties(logits)
         return sampler(apply_processors(processors, history, logits))
 
     def step(fed: mx.array) -> mx.array:
         nonlocal history
+        if penalties is not None:
+            penalties.add(fed)
         if processors:
             history = mx.concatenate([history, fed.reshape(-1).astype(mx.int32)])
         with mx.stream(generation_stream()):
@@ -153,6 +162,8 @@ def generate_tokens(
             continue
         # Replace the token: undo the speculative step and feed the forced run instead.
         rewind(cache, cache_offset(cache) - 1)
+        if penalties is not None:
+            penalties.add(y, -1)
         if processors:
             history = history[:-1]
         for t in forced:
@@ -299,16 +310,18 @@ def stream_generate(
 
     timing = TokenStream()
     mx.reset_peak_memory()
-    processors = [*make_logits_processors(sampling), *logits_processors]
     if speculation is not None and speculation.applies(model, cache):
+        # Speculation verifies drafts against processors over the ids (penalties included).
+        processors = [*make_logits_processors(sampling), *logits_processors]
         tokens = speculation.tokens(
             model, prompt_ids, cache, sampling, processors, override, prefill_step, timing,
             limit=context,
         )  # fmt: skip
     else:
+        penalties = Penalties(sampling) if has_penalties(sampling) else None
         tokens = generate_tokens(
-            model, prompt_ids, cache, make_sampler(sampling), processors, override,
-            prefill_step, timing, decoder or decoder_for(model),
+            model, prompt_ids, cache, make_sampler(sampling), logits_processors, override,
+            prefill_step, timing, decoder or decoder_for(model), penalties,
         )  # fmt: skip
     text = TurnText(tokenizer, phase)
     generated: list[int] = []
@@ -331,11 +344,11 @@ def stream_generate(
         tokens.close()
     if (ev := text.flush()) is not None:
         yield ev
-    yield Finished(
-        _stats(timing, generated, text, budget, finish or "stop",
-               prompt_tokens if prompt_tokens is not None else held + len(prompt_ids)),
-        text.text(Kind.REASONING), text.text(Kind.ANSWER), tuple(generated),
-    )  # fmt: skip
+    stats = _stats(timing, generated, text, budget, finish or "stop",
+                   prompt_tokens if prompt_tokens is not None else held + len(prompt_ids))
+    if speculation is not None:
+        stats = replace(stats, speculation=speculation.report())
+    yield Finished(stats, text.text(Kind.REASONING), text.text(Kind.ANSWER), tuple(generated))
 
 
 def _stats(

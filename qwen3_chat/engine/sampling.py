@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -79,7 +80,7 @@ def keep_min_p(logprobs: mx.array, min_p: float) -> mx.array:
     """Drop tokens less likely than min_p times the most likely one."""
     if min_p <= 0.0:
         return logprobs
-    threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)  # a Python float
     return mx.where(logprobs >= threshold, logprobs, -mx.inf)
 
 
@@ -115,38 +116,62 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
-def presence_penalty(amount: float) -> LogitsProcessor:
-    """Subtract `amount` once from every token already generated (Qwen's recommended knob)."""
+def penalize(logits: mx.array, seen: mx.array, params: SamplingParams) -> mx.array:
+    """The penalties on the tokens `seen` (a bool mask over the vocabulary): presence first
+    (subtract once), then repetition (divide positive, multiply negative logits)."""
+    if params.presence_penalty:
+        logits = logits - params.presence_penalty * seen.astype(logits.dtype)
+    if params.repetition_penalty != 1.0:
+        r = params.repetition_penalty
+        logits = mx.where(seen, mx.where(logits > 0, logits / r, logits * r), logits)
+    return logits
 
+
+def has_penalties(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty) or params.repetition_penalty != 1.0
+
+
+class Penalties:
+    """The penalties over a running count of the tokens generated so far, so each step costs
+    the same however long the reply grows (no history re-scanned or re-concatenated).
+
+    Counts, not a mask: a token fed speculatively and then replaced is taken back with
+    `add(token, -1)` even when it had been generated before.
+    """
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.counts: mx.array | None = None  # [V] int32, sized by the first logits seen
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        if self.counts is None:
+            self.counts = mx.zeros((logits.shape[-1],), dtype=mx.int32)
+        return penalize(logits, self.counts > 0, self.params)
+
+    def add(self, tokens: mx.array, n: int = 1) -> None:
+        """Count `tokens` (n=-1 takes them back); called after the first logits were seen."""
+        self.counts = self.counts.at[tokens.reshape(-1)].add(n)
+
+
+def _history_penalty(params: SamplingParams) -> LogitsProcessor:
     def apply(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:
             return logits
-        logits[..., tokens] = logits[..., tokens] - amount
-        return logits
-
-    return apply
-
-
-def repetition_penalty(amount: float) -> LogitsProcessor:
-    """Divide positive / multiply negative logits of already generated tokens."""
-
-    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
-        if tokens.size == 0:
-            return logits
-        seen = logits[..., tokens]
-        logits[..., tokens] = mx.where(seen > 0, seen / amount, seen * amount)
-        return logits
+        seen = mx.zeros((logits.shape[-1],), dtype=mx.bool_)
+        seen[tokens] = True
+        return penalize(logits, seen, params)
 
     return apply
 
 
 def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
-    """The penalties `params` asks for, each `(generated_ids, logits) -> logits`."""
+    """The penalties `params` asks for as `(generated_ids, logits) -> logits` processors,
+    for one-off use; generation keeps a running `Penalties` instead."""
     processors: list[LogitsProcessor] = []
     if params.presence_penalty:
-        processors.append(presence_penalty(params.presence_penalty))
-    if params.repetition_penalty and params.repetition_penalty != 1.0:
-        processors.append(repetition_penalty(params.repetition_penalty))
+        processors.append(_history_penalty(replace(params, repetition_penalty=1.0)))
+    if params.repetition_penalty != 1.0:
+        processors.append(_history_penalty(replace(params, presence_penalty=0.0)))
     return processors
 
 
