@@ -135,7 +135,9 @@ def test_stream_generate_with_lookup_equals_plain_on_the_real_tokenizer(tiny) ->
                                 speculation=spec))  # fmt: skip
     assert got.token_ids == plain.token_ids and got.answer == plain.answer
     assert got.stats.finish_reason == plain.stats.finish_reason
-    assert spec.stats.drafted > 0 and spec.stats.to_dict()["method"] == "lookup"
+    assert spec.stats.drafted > 0 and plain.stats.speculation is None
+    assert got.stats.speculation == {"method": "lookup", "drafted": spec.stats.drafted,
+                                     "accepted": spec.stats.accepted}  # fmt: skip
 
 
 def test_budget_forced_tokens_stop_tokens_and_penalties_match_plain(tiny) -> None:
@@ -197,7 +199,7 @@ def test_ctrl_c_mid_verification_leaves_a_consistent_cache() -> None:
 def test_hybrid_caches_are_refused_with_a_reason() -> None:
     spec = Speculation()
     assert not spec.applies(None, [LinearCache()])
-    assert "recurrent" in spec.reason
+    assert "recurrent" in spec.reason and spec.report()["method"] == "off"
 
 
 # -- rejection sampling is exact -----------------------------------------------------------

@@ -54,6 +54,8 @@ class GenerationStats:
     peak_memory_gb: float
     finish_reason: FinishReason
     budget_hit: bool
+    # {"method", "drafted", "accepted"} when speculative decoding was asked for.
+    speculation: dict | None = None
 
 
 @dataclass(frozen=True)

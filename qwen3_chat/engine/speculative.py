@@ -178,13 +178,19 @@ class Speculation:
 
     method: str = "lookup"
     max_ngram: int = 4
-    stats: SpecStats = field(init=False)
-    reason: str | None = None  # why the last request ran without speculation
+    stats: SpecStats = field(init=False)  # the latest request's
+    reason: str | None = None  # why the latest request ran without speculation
 
     def __post_init__(self) -> None:
         if self.method not in ("lookup",):
             raise ValueError(f"unknown speculation method {self.method!r}")
         self.stats = SpecStats(self.method)
+
+    def report(self) -> dict:
+        """For GenerationStats: what the latest request drafted and kept."""
+        if self.reason is not None:
+            return {"method": "off", "drafted": 0, "accepted": 0, "reason": self.reason}
+        return self.stats.to_dict()
 
     def applies(self, model, cache: Sequence) -> bool:
         """Rejected drafts leave the cache by trimming: only plain KV caches can do that."""
@@ -207,6 +213,7 @@ class Speculation:
         limit: int | None = None,
     ) -> Iterator[tuple[int, bool]]:
         """The token layer of stream_generate, speculating: yields (token id, forced)."""
+        self.stats = SpecStats(self.method)
         drafter = PromptLookup(self.max_ngram)
         drafter.extend(prompt_ids)
         return _speculate(
