@@ -18,7 +18,8 @@ from qwen3_chat.cli.app import app
 
 ANSI = re.compile(r"\x1b\[")
 QUESTION = "What is 23 + 14?"
-JSON_KEYS = {"answer", "reasoning", "model", "usage", "timings", "finish_reason", "budget_hit"}
+JSON_KEYS = {"answer", "reasoning", "model", "usage", "timings", "finish_reason", "budget_hit",
+             "speculation"}  # fmt: skip
 
 
 def run(*args: str, input: str | bytes | None = None, env: dict | None = None):

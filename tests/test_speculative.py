@@ -263,3 +263,29 @@ def test_a_wrong_residual_is_caught_by_the_same_check() -> None:
         t = 2 if rng.random() < p[2] else int(rng.choice(V, p=p))
         counts[t] += 1
     assert chi2(counts, np.array(Verifier(params).probs(mx.array(P_LOGITS[:1])))[0]) > 100
+
+
+# -- the CLI -------------------------------------------------------------------------------
+def test_cli_speculate_flags_and_json_report() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from qwen3_chat.cli.app import app
+
+    def chat(*args: str):
+        return CliRunner().invoke(app, ["chat", "-m", "demo", "--temp", "0", "--no-think",
+                                        "--json", *args, "Repeat: 12 + 30 = 42. 12 + 30 = 42."])
+
+    off, on = chat("--speculate", "off"), chat("--speculate", "lookup")
+    assert off.exit_code == on.exit_code == 0, (off.stderr, on.stderr)
+    a, b = json.loads(off.stdout), json.loads(on.stdout)
+    assert a["answer"] == b["answer"] and "speculation" not in a
+    assert set(b["speculation"]) == {"method", "drafted", "accepted"}
+    assert b["speculation"]["method"] == "lookup"
+    assert 0 <= b["speculation"]["accepted"] <= b["speculation"]["drafted"]
+    for bad, says in ((["--speculate", "nope"], "--speculate must be one of"),
+                      (["--draft", "qwen3-0.6b"], "--draft needs --speculate draft")):  # fmt: skip
+        r = chat(*bad)
+        assert r.exit_code == 2 and says in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

@@ -197,9 +197,19 @@ def chat(
     hosts: str | None = typer.Option(None, "--hosts", metavar="FILE", help=cli_hosts.HOSTS_HELP),
     parallel: str | None = typer.Option(None, "--parallel", help=cli_hosts.PARALLEL_HELP),
     backend: str | None = typer.Option(None, "--backend", help=cli_hosts.BACKEND_HELP),
+    speculate: str = typer.Option("auto", "--speculate", metavar="auto|off|lookup|draft",
+        help="Speculative decoding (exact: the same output, faster when drafts are right)."),
+    draft: str | None = typer.Option(None, "--draft", metavar="MODEL",
+        help="Draft model for --speculate draft (sharing the tokenizer)."),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
     check_bits_option(bits)
+    from qwen3_chat.engine.speculative import SpeculationError, make_speculation
+
+    try:
+        speculation = make_speculation(speculate, draft)
+    except SpeculationError as e:
+        raise usage_exit(str(e)) from None
     if budget is not None and no_budget:
         raise usage_exit("--budget and --no-budget cannot be used together")
     if as_json and as_jsonl:
@@ -230,6 +240,7 @@ def chat(
         mode_sampling=loaded.mode_sampling,
         context_length=loaded.context_length,
     )  # fmt: skip
+    session.speculation = speculation
     from qwen3_chat.cli.attachments import read_attachments, with_attachments
 
     attached = read_attachments(files or [], session)

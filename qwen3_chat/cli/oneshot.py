@@ -27,6 +27,7 @@ from qwen3_chat.errors import Qwen3ChatError
 def result_object(ev: Finished, model: str) -> dict[str, Any]:
     """The summary of a finished answer: --json prints it, --jsonl's last event carries it."""
     stats = ev.stats
+    extra = {} if stats.speculation is None else {"speculation": stats.speculation}
     return {
         "answer": ev.answer,
         "reasoning": ev.reasoning,
@@ -38,6 +39,7 @@ def result_object(ev: Finished, model: str) -> dict[str, Any]:
                     "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps},
         "finish_reason": stats.finish_reason,
         "budget_hit": stats.budget_hit,
+        **extra,
     }  # fmt: skip
 
 

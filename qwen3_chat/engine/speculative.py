@@ -47,6 +47,25 @@ from qwen3_chat.models.cache import KVCache
 METHODS = ("auto", "off", "lookup", "draft")
 
 
+class SpeculationError(ValueError):
+    """A --speculate / --draft combination that cannot work."""
+
+
+def make_speculation(method: str, draft: str | None = None) -> Speculation | None:
+    """The policy for --speculate METHOD [--draft MODEL]; None for plain decoding.
+
+    auto is prompt lookup: it costs one n-gram probe per token when nothing matches and
+    pays on prompts that the answer quotes (code review, edits, summaries)."""
+    if method not in METHODS:
+        raise SpeculationError(f"--speculate must be one of {', '.join(METHODS)}, not {method!r}")
+    if draft is not None and method != "draft":
+        raise SpeculationError("--draft needs --speculate draft")
+    if method == "draft":
+        raise SpeculationError("--speculate draft: draft models are not supported yet "
+                               "(use lookup)")  # fmt: skip
+    return None if method == "off" else Speculation("lookup")
+
+
 @dataclass
 class SpecStats:
     """What speculation did over one or more replies (read by --json and /stats)."""
