@@ -226,3 +226,39 @@ def test_quantized_folder_missing_a_packed_weight_names_it(tmp_path, moe):
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     with pytest.raises(ModelLoadError, match=rf"missing tensor {key}"):
         load_model(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_quantizing_in_pieces_gives_the_same_tensors(tmp_path, monkeypatch, moe, dtype):
+    """Row chunks read from the file (f32, or bf16 by its bits) and experts quantized one
+    by one before stacking give exactly the tensors of quantizing whole matrices, while the
+    whole float embedding never sits in memory."""
+    from mlx.utils import tree_flatten
+
+    from qwen3_chat.weights import quantize
+
+    src = make_checkpoint(tmp_path / "src", qconfig(moe, vocab_size=8192))
+    weights = mx.load(str(src / "model.safetensors"))
+    path = tmp_path / dtype
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"),
+                        {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()})  # fmt: skip
+    (path / "config.json").write_text((src / "config.json").read_text())
+    embed_bytes = weights["model.embed_tokens.weight"].nbytes  # as float32, as computed
+    del weights
+
+    def load_measured() -> tuple[dict, int]:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        model = load_model(path, bits=4, dtype="float32")
+        return dict(tree_flatten(model.parameters())), mx.get_peak_memory() - base
+
+    whole, whole_peak = load_measured()
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 64 * 128 * 4)  # 64-row chunks
+    pieces, pieces_peak = load_measured()
+    assert whole.keys() == pieces.keys()
+    for k in whole:
+        assert whole[k].dtype == pieces[k].dtype and mx.array_equal(whole[k], pieces[k]), k
+    assert whole_peak > embed_bytes > pieces_peak, (whole_peak, embed_bytes, pieces_peak)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
@@ -24,9 +25,11 @@ from qwen3_chat.models import build_model, config_from_dict
 from qwen3_chat.models.config import EXPERT_KEY, QUANT_BITS, check_bits
 from qwen3_chat.models.qwen3 import Model
 from qwen3_chat.weights.quantize import (
+    RowReader,
     apply_quantization_config,
     check_quantization_block,
     quantize_model,
+    quantize_weights,
 )
 from qwen3_chat.weights.verify import INDEX_FILE, HeaderError, parse_header, shard_list
 
@@ -155,6 +158,50 @@ def _check_experts(weights: dict[str, mx.array], origin: dict[str, str]) -> None
             )
 
 
+def _expert_weights(weights: dict[str, mx.array]) -> dict[str, list[mx.array]]:
+    """Per-expert float weights by the stacked module they become (in expert order), so
+    quantizing on load can quantize each expert before stacking."""
+    found: dict[str, dict[int, mx.array]] = {}
+    for key, value in weights.items():
+        m = EXPERT_KEY.match(key)
+        if m is not None and m.group(4) == "weight":
+            found.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}", {})[int(m.group(2))] = value
+    return {path: [by[e] for e in sorted(by)] for path, by in found.items()}
+
+
+# safetensors dtypes we can read rows of straight from the file (bf16 via its bit pattern).
+ROW_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None),
+              "BF16": (np.uint16, mx.bfloat16)}  # fmt: skip
+
+
+def _row_reader(path: Path, origin: dict[str, str]) -> RowReader:
+    """Reads rows of a 2-D tensor from its safetensors file through a memory map, so a
+    chunk is all that is held in memory (mx.load would materialise the whole tensor)."""
+    headers: dict[str, tuple[dict[str, Any], int]] = {}
+
+    def read(key: str, start: int, stop: int) -> mx.array | None:
+        name = origin.get(key)
+        if name is None:
+            return None
+        if name not in headers:
+            with (path / name).open("rb") as f:
+                data_start = 8 + int.from_bytes(f.read(8), "little")
+            headers[name] = (parse_header(path / name)[0], data_start)
+        header, data_start = headers[name]
+        info = header.get(key, {})
+        kind = ROW_DTYPES.get(info.get("dtype"))
+        shape = info.get("shape")
+        if kind is None or not isinstance(shape, list) or len(shape) != 2:
+            return None
+        np_dtype, view = kind
+        rows = np.memmap(path / name, dtype=np_dtype, mode="r", shape=tuple(shape),
+                         offset=data_start + info["data_offsets"][0])  # fmt: skip
+        chunk = mx.array(np.ascontiguousarray(rows[start:stop]))
+        return chunk.view(view) if view is not None else chunk
+
+    return read
+
+
 def load_model(
     path: str | Path, *, bits: int | None = None, dtype: mx.Dtype | str | None = None
 ) -> Model:
@@ -177,6 +224,8 @@ def load_model(
     weights, origin = read_weights(path)
     model = build_model(config)
     _check_experts(weights, origin)
+    experts = _expert_weights(weights) if bits is not None else {}
+    loaded = weights
     try:
         weights = model.sanitize(weights)
     except (ValueError, RuntimeError) as e:  # anything sanitize did not phrase itself
@@ -186,6 +235,14 @@ def load_model(
     if config.quantization:
         apply_quantization_config(model, config.quantization, weights)
     _validate(model, weights, origin)
+    if bits is not None:
+        # The model takes its quantized layout first and the float tensors are quantized piece
+        # by piece into it, so no whole float embedding or expert stack is ever built.
+        quantize_model(model, bits)
+        # Rows are read from the file only for tensors sanitize passed through unchanged.
+        same = {k: origin[k] for k, v in weights.items() if loaded.get(k) is v and k in origin}
+        weights = quantize_weights(model, weights, experts, _row_reader(path, same),
+                                   compute_dtype)  # fmt: skip
     # Some parameters must stay float32 whatever the compute dtype (the hybrid's A_log).
     keep = getattr(model, "float32_params", ())
     model.load_weights(
@@ -199,9 +256,7 @@ def load_model(
     )
     # Drop our references to the (lazy) float tensors: otherwise evaluating the quantized
     # weights below would keep every float tensor alive and double the peak memory.
-    del weights
-    if bits is not None:
-        quantize_model(model, bits)
+    del weights, experts, loaded
     try:
         _eval_by_layer(model)
     except Exception as e:  # a file changed or broke under us while mapping

@@ -7,9 +7,12 @@ quantized layout from a pre-quantized (MLX-community) folder before its weights 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from qwen3_chat.errors import ModelLoadError
 
@@ -145,3 +148,59 @@ def apply_quantization_config(model: nn.Module, quant: dict, weights: dict) -> N
         return _inferred_params(path, module, weights)
 
     nn.quantize(model, default_group, default_bits, class_predicate=predicate)
+
+
+# Float bytes of one row chunk when a large matrix (the embedding, lm_head) is quantized
+# from its file piece by piece: small next to the quantized result, large enough to be quick.
+CHUNK_BYTES = 64 * 1024**2
+
+# (tensor name, first row, end row) -> those rows as read from the checkpoint file, or None
+# when the tensor cannot be read in pieces (then it is quantized whole).
+RowReader = Callable[[str, int, int], "mx.array | None"]
+
+
+def _quantize_rows(key: str, w: mx.array, read_rows: RowReader, group_size: int, bits: int,
+                   dtype: mx.Dtype) -> tuple[mx.array, ...]:  # fmt: skip
+    """Quantize a 2-D float matrix chunk by chunk straight from its file, evaluating each
+    chunk: the whole float matrix never exists in memory, only its quantized form."""
+    rows, cols = w.shape
+    step = max(1, CHUNK_BYTES // (cols * 4))
+    if rows <= step or read_rows(key, 0, 1) is None:
+        return mx.quantize(w.astype(dtype), group_size, bits)
+    parts = []
+    for start in range(0, rows, step):
+        chunk = read_rows(key, start, min(rows, start + step)).astype(dtype)
+        parts.append(mx.quantize(chunk, group_size, bits))
+        mx.eval(parts[-1])
+    out = tuple(mx.concatenate([p[i] for p in parts]) for i in range(3))
+    del parts
+    mx.eval(out)
+    return out
+
+
+def quantize_weights(model: nn.Module, weights: dict[str, mx.array],
+                     experts: dict[str, list[mx.array]], read_rows: RowReader,
+                     dtype: mx.Dtype) -> dict[str, mx.array]:  # fmt: skip
+    """The tensors of `model`, already in its quantized layout (`quantize_model`), from a
+    float checkpoint's `weights`, built so peak memory stays near the quantized size.
+
+    Large matrices are quantized in row chunks from their file (`read_rows`); stacked MoE
+    experts are quantized expert by expert from `experts` (module path -> per-expert float
+    weights, in expert order) and only then stacked. The rest is quantized lazily and
+    evaluated later, layer by layer; unquantized tensors are returned as they are."""
+    out: dict[str, mx.array] = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if "scales" not in module:
+            continue
+        key, group_size, bits = f"{path}.weight", module.group_size, module.bits
+        per_expert = experts.get(path)
+        if per_expert is not None:
+            parts = [mx.quantize(w.astype(dtype), group_size, bits) for w in per_expert]
+            q = tuple(mx.stack([p[i] for p in parts]) for i in range(3))
+        elif weights[key].ndim == 2:
+            q = _quantize_rows(key, weights[key], read_rows, group_size, bits, dtype)
+        else:
+            q = mx.quantize(weights[key].astype(dtype), group_size, bits)
+        out[key], out[f"{path}.scales"], out[f"{path}.biases"] = q
+    # The rest (norms, biases) the loader casts as it does for any float checkpoint.
+    return {**weights, **out}
