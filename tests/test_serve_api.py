@@ -31,12 +31,14 @@ RULES = [
     Rule("THINKCALL", "No call needed.", f"Maybe {CALL} but no."),
     Rule("CODERCALL", XML_CALL),
     Rule("STOPME", "alpha beta END gamma delta"),
+    Rule("SWITCHED-ON", "The template saw the switch."),
 ]
+SWITCH = "{%- if my_switch is defined and my_switch %}SWITCHED-ON{%- endif %}"
 
 
 @pytest.fixture(scope="module")
 def server(qwen3_tokenizer_dir):
-    srv = start(scripted_cmd(qwen3_tokenizer_dir, RULES))
+    srv = start(scripted_cmd(qwen3_tokenizer_dir, RULES, template_prefix=SWITCH))
     yield srv
     srv.stop()
 
@@ -122,6 +124,13 @@ def test_thinking_can_be_switched_off_per_request(client, how):
 def test_explicit_enable_thinking_beats_the_soft_switch(client):
     r = ask(client, "Hi! /no_think", extra_body={"chat_template_kwargs": {"enable_thinking": True}})
     assert extra(r.choices[0].message, "reasoning_content") == "I should greet them."
+
+
+def test_chat_template_kwargs_reach_the_template(client):
+    on = ask(client, "Hi /no_think", extra_body={"chat_template_kwargs": {"my_switch": True}})
+    assert on.choices[0].message.content == "The template saw the switch."
+    off = ask(client, "Hi /no_think", extra_body={"chat_template_kwargs": {"my_switch": False}})
+    assert off.choices[0].message.content == "Hello there."
 
 
 def test_thinking_budget_and_reasoning_effort_cap_the_reasoning(client):

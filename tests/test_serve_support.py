@@ -185,6 +185,8 @@ def main(spec: dict[str, Any]) -> None:
     from qwen3_chat.serve.engine import ServeConfig, ServeEngine
 
     tokenizer = Tokenizer.from_dir(spec.pop("tokenizer"))
+    # A template switch of our own (as Qwen3.5's preserve_thinking), to see kwargs reach it.
+    tokenizer.chat_template = spec.pop("template_prefix", "") + tokenizer.chat_template
     rules = [Rule(**r) for r in spec.pop("rules")]
     model = ScriptedModel(tokenizer, rules, spec.pop("context", 4096))
     api_key, max_body = spec.pop("api_key", None), spec.pop("max_body", 1 << 20)
