@@ -209,6 +209,8 @@ def test_convert_round_trip(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4 and (out / "tokenizer.json").exists()
+    source = json.loads((ckpt / "config.json").read_text())
+    assert {k: cfg[k] for k in source} == source  # every key of the original kept
     import mlx.core as mx
 
     from qwen3_chat import load

@@ -215,3 +215,23 @@ def test_wrong_dtype(ckpt):
     _rewrite(ckpt, lambda w: w.update({key: np.ones(64, np.int32)}))
     with pytest.raises(ModelLoadError, match=rf"{key} has dtype mlx.core.int32, expected a float"):
         load_model(ckpt)
+
+
+def test_json_files_one_clear_error_and_atomic_writes(tmp_path):
+    import os
+    import stat
+
+    from qwen3_chat.files import read_json, write_json
+
+    with pytest.raises(ModelLoadError, match=r"nope\.json: no such file"):
+        read_json(tmp_path / "nope.json", error=ModelLoadError)
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ModelLoadError, match=r"bad\.json: not valid JSON"):
+        read_json(tmp_path / "bad.json", error=ModelLoadError)
+    with pytest.raises(ModelLoadError, match="is a folder"):
+        read_json(tmp_path, error=ModelLoadError)
+    target = write_json(tmp_path / "state" / "s.json", {"a": "é"}, mode=0o600)
+    assert read_json(target) == {"a": "é"} and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    with pytest.raises(TypeError):
+        write_json(target, {"a": object()})  # a failed write leaves the old content whole
+    assert read_json(target) == {"a": "é"} and os.listdir(target.parent) == ["s.json"]
