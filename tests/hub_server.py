@@ -25,6 +25,7 @@ class Repo:
     # GET of a full file sends this many bytes, then holds the connection open until the
     # server's `release` event (or shutdown): a transfer caught in the middle.
     stall: dict[str, int] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)  # listed in the tree, but resolve says 404
 
     def is_lfs(self, path: str) -> bool:
         return len(self.files[path]) >= self.lfs_min
@@ -124,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
             if repo is None:
                 return
             path = m.group(3)
-            if path not in repo.files:
+            if path not in repo.files or path in repo.gone:
                 return self._json(404, {"error": "Entry not found"},
                                   {"X-Error-Code": "EntryNotFound"})  # fmt: skip
             return self._serve_file(repo, path)

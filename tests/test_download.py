@@ -138,6 +138,11 @@ def test_not_found(hub):
     assert "Qwen/Nope" in line
 
 
+def test_a_listed_file_the_hub_cannot_serve_is_one_line(hub):
+    hub.repos[REPO].gone.add("generation_config.json")
+    one_line_error(qwen3("download", REPO, endpoint=hub.url), REPO, "Entry Not Found")
+
+
 def test_gated(hub):
     hub.repos[REPO].gated = True
     one_line_error(qwen3("download", REPO, endpoint=hub.url), "gated", "HF_TOKEN")

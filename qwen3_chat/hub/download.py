@@ -95,7 +95,8 @@ def _hub_error(repo_id: str, error: Exception, label: str | None = None) -> Down
         return DownloadError(f"disk full while downloading {repo_id}; free space and retry")
     if type(error).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionError"):
         return DownloadError(f"cannot reach the Hugging Face Hub to download {repo_id}")
-    return DownloadError(f"download of {repo_id} failed: {error}")
+    text = " ".join(str(error).split()) or type(error).__name__  # one line, always
+    return DownloadError(f"download of {repo_id} failed: {text}")
 
 
 def _local_snapshot(repo_id: str, revision: str | None) -> Path:
