@@ -152,7 +152,7 @@ def apply_quantization_config(model: nn.Module, quant: dict, weights: dict) -> N
 
 # Float bytes of one row chunk when a large matrix (the embedding, lm_head) is quantized
 # from its file piece by piece: small next to the quantized result, large enough to be quick.
-CHUNK_BYTES = 64 * 1024**2
+CHUNK_BYTES = 16 * 1024**2
 
 # (tensor name, first row, end row) -> those rows as read from the checkpoint file, or None
 # when the tensor cannot be read in pieces (then it is quantized whole).
