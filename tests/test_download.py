@@ -262,6 +262,17 @@ def test_a_file_changed_since_verification_is_rehashed(hub):
     assert cfg.read_bytes() == hub.repos[REPO].files["generation_config.json"]
 
 
+def test_offline_a_cache_never_verified_is_hashed_first(hub):
+    r = qwen3("download", REPO, endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    for marker in _marker_files():  # as if another tool had filled the cache
+        marker.unlink()
+    cfg = Path(r.stdout.strip()) / "generation_config.json"
+    cfg.write_bytes(cfg.read_bytes() + b" ")
+    one_line_error(qwen3("download", REPO, HF_HUB_OFFLINE="1"),
+                   "generation_config.json", "does not match its hash")  # fmt: skip
+
+
 def test_small_files_are_checked_against_their_git_blob_id(hub):
     assert len(hub.repos[REPO].files["generation_config.json"]) < hub.repos[REPO].lfs_min
     hub.repos[REPO].corrupt.add("generation_config.json")

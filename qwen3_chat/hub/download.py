@@ -118,6 +118,19 @@ def cache_repair_hint(path: Path) -> str | None:
     return repair_hint(repo_id) if repo_id else None
 
 
+def _rehash(snapshot: Path, expected: dict[str, str], label: str, why: str) -> None:
+    """Hash files of a cached snapshot (rel -> expected hash) with no network; a mismatch
+    says `why` and how to repair it."""
+    for rel, want in expected.items():
+        try:
+            got = hash_file(snapshot / rel, lfs=bool(SHA256.match(want)))
+        except OSError:
+            raise DownloadError(f"{rel} of {label} is missing from the cache; "
+                                f"{repair_hint(label)}") from None  # fmt: skip
+        if got != want:
+            raise DownloadError(f"{rel} of {label} {why}; {repair_hint(label)}")
+
+
 def _recheck(repo_id: str, snapshot: Path, label: str) -> bool:
     """Whether `snapshot` was verified; files changed since are re-hashed first (no network).
 
@@ -125,20 +138,9 @@ def _recheck(repo_id: str, snapshot: Path, label: str) -> bool:
     stale = stale_files(snapshot)
     if stale is None:
         return False
-    if not stale:
-        return True
-    for rel, expected in stale.items():
-        file = snapshot / rel
-        lfs = bool(SHA256.match(expected))
-        try:
-            got = hash_file(file, lfs)
-        except OSError:
-            raise DownloadError(f"{rel} of {label} is missing from the cache; "
-                                f"{repair_hint(label)}") from None  # fmt: skip
-        if got != expected:
-            raise DownloadError(f"{rel} of {label} changed on disk since it was verified; "
-                                f"{repair_hint(label)}")  # fmt: skip
-    write_marker(repo_id, snapshot, stale | _marked_hashes(snapshot))
+    if stale:
+        _rehash(snapshot, stale, label, "changed on disk since it was verified")
+        write_marker(repo_id, snapshot, _marked_hashes(snapshot))
     return True
 
 
@@ -164,9 +166,11 @@ def download(
             path = _local_snapshot(repo_id, revision)
         except Exception as e:  # noqa: BLE001 - "not cached" comes in several shapes
             raise _hub_error(repo_id, e, label) from None
-        if not _recheck(repo_id, path, label):
+        if not _recheck(repo_id, path, label):  # cached by another tool: never checked by us
+            hashes = _blob_hashes(path)
+            _rehash(path, hashes, label, "does not match its hash")
             verify_model_dir(path)
-            write_marker(repo_id, path, _blob_hashes(path))
+            write_marker(repo_id, path, hashes)
         return path
     try:
         commit, files = list_files(repo_id, revision)
