@@ -3,7 +3,7 @@
 Rank 0 runs the checks through the library (logits of a whole sequence, a cached
 prefill, greedy tokens through stream_generate and ChatSession) and writes them as JSON;
 the other ranks follow its commands. argv: MODEL_DIR OUT_JSON; with MISSING_ON_RANK=r,
-rank r looks for the model where there is none.
+rank r looks for the model where there is none; PARALLEL=tensor splits by heads.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from qwen3_chat.distributed.group import PipelineError
 from qwen3_chat.distributed.hosts import model_digest
 from qwen3_chat.distributed.pipeline import PipelineModel
+from qwen3_chat.distributed.tensor import TensorModel
 from qwen3_chat.distributed.worker import follow, join
+
+PARALLEL = os.environ.get("PARALLEL", "pipeline")
 
 
 def main() -> None:
@@ -30,7 +34,8 @@ def main() -> None:
     if os.environ.get("MISSING_ON_RANK") == str(rank):  # this "host" lacks the model
         model_dir = model_dir.parent / "absent"
     try:
-        joined = join(group, model_dir, digest, bits=None, dtype=mx.float32, names=names)
+        joined = join(group, model_dir, digest, bits=None, dtype=mx.float32, names=names,
+                      parallel=PARALLEL)  # fmt: skip
     except PipelineError as e:
         if rank == 0:
             Path(out).write_text(json.dumps({"error": str(e)}))
@@ -39,9 +44,10 @@ def main() -> None:
             "nbytes": joined.stage.nbytes, "active": mx.get_active_memory()}  # fmt: skip
     Path(f"{out}.rank{rank}").write_text(json.dumps(held))
     if rank != 0:
-        follow(joined.stage, group, mx.float32)
+        follow(joined.stage, joined.steps(mx.float32))
         return
-    model = PipelineModel(joined.stage, group, wire=mx.float32)
+    kind = TensorModel if PARALLEL == "tensor" else PipelineModel
+    model = kind(joined.stage, group, wire=mx.float32)
     try:
         run(model, model_dir, out)
     finally:
@@ -56,15 +62,17 @@ def run(model: PipelineModel, model_dir: Path, out: Path) -> None:
     step = model(ids[:, 7:8], cache=cache, last_only=True)
     cache[0].trim(1)  # rewind through the followers, then the same step again
     again = model(ids[:, 7:8], cache=cache, last_only=True)
-    result = {"full": full.tolist(), "prefill": prefill.tolist(), "step": step.tolist(),
-              "again": again.tolist()}  # fmt: skip
+    # Logits as .npy beside the JSON: a full-vocabulary row is too big for JSON.
+    for name, a in (("full", full), ("prefill", prefill), ("step", step), ("again", again)):
+        np.save(f"{out}.{name}.npy", np.array(a))
+    result: dict = {}
     if (model_dir / "tokenizer.json").exists():
         from qwen3_chat.chat.session import ChatSession
         from qwen3_chat.chat.tokenizer import Tokenizer
         from qwen3_chat.engine.events import Finished
 
         tok = Tokenizer.from_dir(model_dir)
-        chat = ChatSession(model, tok, sampling_overrides={"temperature": 0.0}, max_tokens=12,
+        chat = ChatSession(model, tok, sampling_overrides={"temperature": 0.0}, max_tokens=8,
                            budget=None)  # fmt: skip
         turns = []
         for text in ("Hello there", "And again?"):

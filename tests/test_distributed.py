@@ -65,6 +65,16 @@ def single(model: Path) -> dict:
     return {"full": m(ids), "prefill": prefill, "step": step, "params": m.parameters(), "m": m}
 
 
+def check_logits(out: Path, ref: dict) -> None:
+    """Rank 0's logits (a whole sequence, a cached prefill and step) are one process's."""
+    got = {k: np.load(f"{out}.{k}.npy") for k in ("full", "prefill", "step", "again")}
+    for key in ("full", "prefill", "step"):
+        np.testing.assert_allclose(got[key], np.array(ref[key]), atol=1e-5, rtol=0)
+    # A rewind travels to the followers: the same step after trimming gives the same logits.
+    np.testing.assert_allclose(got["again"], np.array(ref["step"]), atol=1e-5, rtol=0)
+    assert got["full"].argmax(-1).tolist() == np.array(ref["full"]).argmax(-1).tolist()
+
+
 @pytest.mark.parametrize(("moe", "ranks", "tied"), [(False, 2, True), (True, 3, False)])
 def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, moe, ranks, tied):
     from mlx.utils import tree_flatten
@@ -74,13 +84,8 @@ def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, mo
     out = tmp_path / "out.json"
     run = launch(ranks, model, out)
     assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(out.read_text())
     ref = single(model)
-    for key in ("full", "prefill", "step"):
-        np.testing.assert_allclose(np.array(got[key]), np.array(ref[key]), atol=1e-5, rtol=0)
-    # A rewind travels to the followers: the same step after trimming gives the same logits.
-    np.testing.assert_allclose(np.array(got["again"]), np.array(ref["step"]), atol=1e-5, rtol=0)
-    assert np.array(got["full"]).argmax(-1).tolist() == np.array(ref["full"]).argmax(-1).tolist()
+    check_logits(out, ref)
 
     # Each rank holds exactly its layers (plus embedding first, norm/lm_head last), and its
     # memory is that share, not the model: the other tensors were never read.
@@ -105,7 +110,7 @@ def test_pipeline_matches_one_process_and_each_rank_holds_its_share(tmp_path, mo
 
 
 def test_chat_session_greedy_tokens_match(tmp_path, qwen3_tokenizer_dir):
-    """Through ChatSession (prefill, decode, cache reuse across two turns) on 3 ranks."""
+    """Through ChatSession (prefill, decode, cache reuse across two turns) on 2 ranks."""
     from qwen3_chat.chat.session import ChatSession
     from qwen3_chat.chat.tokenizer import Tokenizer
     from qwen3_chat.engine.events import Finished
@@ -114,12 +119,14 @@ def test_chat_session_greedy_tokens_match(tmp_path, qwen3_tokenizer_dir):
     cfg = tiny_config(num_hidden_layers=3, vocab_size=151936)
     model = make_checkpoint(tmp_path / "m", cfg, seed=1, tokenizer_dir=qwen3_tokenizer_dir)
     out = tmp_path / "out.json"
-    run = launch(3, model, out)
+    run = launch(2, model, out)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(out.read_text())
-    m = single(model)["m"]
+    ref = single(model)
+    check_logits(out, ref)  # the full vocabulary this time
+    m = ref["m"]
     chat = ChatSession(m, Tokenizer.from_dir(model), sampling_overrides={"temperature": 0.0},
-                       max_tokens=12, budget=None)  # fmt: skip
+                       max_tokens=8, budget=None)  # fmt: skip
     turns = [list([e for e in chat.send(t) if isinstance(e, Finished)][-1].token_ids)
              for t in ("Hello there", "And again?")]  # fmt: skip
     assert got["chat"] == turns
@@ -129,8 +136,56 @@ def test_chat_session_greedy_tokens_match(tmp_path, qwen3_tokenizer_dir):
 def test_a_rank_without_the_model_fails_before_anyone_loads(tmp_path):
     model = make_checkpoint(tmp_path / "m", tiny_config())
     out = tmp_path / "out.json"
-    run = launch(3, model, out, MISSING_ON_RANK="2")
+    run = launch(2, model, out, MISSING_ON_RANK="1")
     assert run.returncode == 0, run.stderr[-2000:]
     error = json.loads(out.read_text())["error"]
-    assert error.startswith("distributed: 127.0.0.1#2: model ") and "missing" in error
+    assert error.startswith("distributed: 127.0.0.1#1: model ") and "missing" in error
     assert not list(tmp_path.glob("out.json.rank*"))  # no rank got as far as loading
+
+
+def test_tensor_parallel_matches_one_process_and_splits_every_layer(tmp_path):
+    from mlx.utils import tree_flatten
+
+    # Layer 0 has experts, layer 1 a dense MLP: both kinds are split.
+    cfg = tiny_config(moe=True, num_hidden_layers=2, mlp_only_layers=[1])
+    model = make_checkpoint(tmp_path / "m", cfg)
+    out = tmp_path / "out.json"
+    run = launch(2, model, out, PARALLEL="tensor")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ref = single(model)
+    check_logits(out, ref)
+
+    full = {k: v.shape for k, v in tree_flatten(ref["params"])}
+    for rank in range(2):
+        held = json.loads(Path(f"{out}.rank{rank}").read_text())["names"]
+        names = {k.replace(".inner.", ".") for k in held}  # the all_sum wrappers
+        head = {"lm_head.weight", "model.norm.weight"}
+        assert names == (set(full) if rank == 0 else set(full) - head)
+    # Every rank holds half the heads and half of each MLP/expert width, so the layers'
+    # share is half; embedding, norms and router are whole on each.
+    params = dict(tree_flatten(ref["params"]))
+    layer_bytes = sum(v.nbytes for k, v in params.items() if ".layers." in k)
+    whole = [k for k in params
+             if ".layers." in k and ("norm" in k or k.endswith("mlp.gate.weight"))]  # fmt: skip
+    norms = sum(params[k].nbytes for k in whole)
+    for rank in range(2):
+        h = json.loads(Path(f"{out}.rank{rank}").read_text())
+        rest = sum(v.nbytes for k, v in params.items()
+                   if ".layers." not in k and (rank == 0 or k not in head))  # fmt: skip
+        assert h["nbytes"] == rest + norms + (layer_bytes - norms) // 2
+        assert h["active"] < h["nbytes"] + 64 * 1024
+
+
+def test_tensor_parallel_only_where_heads_divide():
+    from qwen3_chat.distributed.tensor import choose_parallel
+    from qwen3_chat.models import config_from_dict
+
+    # 6 query heads would split 3 ways, the 2 KV heads not (Qwen3-235B: 4 KV heads)
+    cfg = config_from_dict(tiny_config(num_attention_heads=6, num_key_value_heads=2))
+    assert choose_parallel("tensor", cfg, 2, "ring") == ("tensor", "")
+    mode, note = choose_parallel("tensor", cfg, 3, "ring")
+    assert mode == "pipeline" and "KV heads (2) do not divide by 3 ranks" in note
+    # auto: tensor only over RDMA, where an all_sum per layer is cheap
+    assert choose_parallel("auto", cfg, 2, "ring") == ("pipeline", "")
+    assert choose_parallel("auto", cfg, 2, "jaccl") == ("tensor", "")
+    assert choose_parallel("auto", cfg, 3, "jaccl") == ("pipeline", "")

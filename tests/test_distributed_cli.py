@@ -34,6 +34,14 @@ def model_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
                            tokenizer_dir=qwen3_tokenizer_dir)  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def one_process(model_dir) -> dict:
+    """The --json answer of one process, the reference for every distributed run."""
+    run = chat(model_dir)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
 def workers_of(model: Path) -> list[int]:
     """Follower processes still running on `model` (their command line names it)."""
     out = subprocess.run(["pgrep", "-f", f"distributed.worker --model {model}"],
@@ -54,16 +62,20 @@ def chat(model: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedP
                           stdin=subprocess.DEVNULL)  # fmt: skip
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_chat_across_ranks_answers_like_one_process(tmp_path, model_dir, ranks):
-    one = chat(model_dir)
-    assert one.returncode == 0, one.stderr
-    many = chat(model_dir, "--hosts", str(hostfile(tmp_path, ranks)))
+@pytest.mark.parametrize(("ranks", "parallel", "note"), [
+    (2, "auto", ""),  # auto over TCP (ring): pipeline
+    (2, "tensor", ""),
+    (3, "tensor", "note: tensor parallel is not possible (attention heads (4) do not divide "
+                  "by 3 ranks); using pipeline"),
+])  # fmt: skip
+def test_chat_across_ranks_answers_like_one_process(tmp_path, model_dir, one_process, ranks,
+                                                    parallel, note):  # fmt: skip
+    many = chat(model_dir, "--hosts", str(hostfile(tmp_path, ranks)), "--parallel", parallel)
     assert many.returncode == 0, many.stderr
-    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    a, b = one_process, json.loads(many.stdout)
     assert b["answer"] == a["answer"] and b["usage"] == a["usage"]
     assert len(set(a["answer"].split())) > 3
-    assert many.stderr == ""
+    assert many.stderr.strip() == note
     assert workers_of(model_dir) == []  # every follower ended with rank 0
 
 
@@ -79,7 +91,7 @@ def _start_stream(model: Path, hosts: Path, env: dict[str, str]) -> subprocess.P
     (signal.SIGSTOP, "distributed: no answer from the ranks on 127.0.0.1 in time"),
 ])  # fmt: skip
 def test_a_rank_that_dies_or_hangs_stops_rank_0_with_one_line(tmp_path, model_dir, sig, expect):
-    proc = _start_stream(model_dir, hostfile(tmp_path, 3), {"QWEN3_DIST_TIMEOUT": "3"})
+    proc = _start_stream(model_dir, hostfile(tmp_path, 3), {"QWEN3_DIST_TIMEOUT": "2"})
     try:
         assert proc.stdout.readline()  # generating: the first event arrived
         victim = followers(proc.pid)[0]
@@ -101,10 +113,10 @@ def test_a_rank_that_dies_or_hangs_stops_rank_0_with_one_line(tmp_path, model_di
 
 
 def test_ctrl_c_on_rank_0_stops_every_rank(tmp_path, model_dir):
-    proc = _start_stream(model_dir, hostfile(tmp_path, 3), {})
+    proc = _start_stream(model_dir, hostfile(tmp_path, 2), {})
     try:
         assert proc.stdout.readline()
-        assert len(followers(proc.pid)) == 2
+        assert len(followers(proc.pid)) == 1
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
     finally:
@@ -145,10 +157,10 @@ def test_bad_distributed_options_are_one_line(tmp_path, model_dir, args, message
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-def test_repl_across_ranks_retry_undo_exit(tmp_path, model_dir):
+def test_repl_across_ranks_retry_undo_exit(tmp_path, model_dir, one_process):
     from pty_term import Term
 
-    one = json.loads(chat(model_dir).stdout)["answer"]
+    one = one_process["answer"]
     term = Term(["-m", str(model_dir), "--temp", "0", "--no-budget", "--max-tokens", "12",
                  "--hosts", str(hostfile(tmp_path, 2))], tmp_path / "state")  # fmt: skip
     term.prompt()

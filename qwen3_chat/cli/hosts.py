@@ -50,11 +50,8 @@ def open_chat_model(name: str, *, bits: int | None, hosts: str | None = None,
     if hosts is None:
         return open_with_status(name, bits=bits)
     hostfile = read_hostfile(hosts)
-    if parallel == "tensor":
-        typer.echo("note: tensor parallel is not available yet; splitting by layers (pipeline)",
-                   err=True)  # fmt: skip
     from qwen3_chat.chat.tokenizer import Tokenizer
-    from qwen3_chat.distributed.connect import open_pipeline
+    from qwen3_chat.distributed.connect import open_distributed
     from qwen3_chat.hub.open import (
         LoadedModel,
         _load_bits,
@@ -66,8 +63,11 @@ def open_chat_model(name: str, *, bits: int | None, hosts: str | None = None,
     path = locate(name, bits=bits)
     quantize, loaded_bits = _load_bits(path, name, bits)
     _quiet_ring_noise()
-    dist = open_pipeline(hostfile, backend or hostfile.backend or "ring", path, bits=quantize)
+    dist = open_distributed(hostfile, backend or hostfile.backend or "ring", path, bits=quantize,
+                            parallel=parallel)  # fmt: skip
     atexit.register(dist.close)
+    if dist.note:
+        typer.echo(f"note: {dist.note}", err=True)
 
     def stop(line: str) -> None:
         # A rank died or hung: say which, end the others, and leave now (a hung step

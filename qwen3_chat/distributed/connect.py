@@ -14,7 +14,11 @@ from qwen3_chat.distributed.hosts import Hostfile, model_digest
 from qwen3_chat.distributed.launch import Cluster
 from qwen3_chat.distributed.pipeline import PipelineModel
 from qwen3_chat.distributed.runner import Runner
+from qwen3_chat.distributed.tensor import TensorModel, choose_parallel
 from qwen3_chat.distributed.worker import Joined, join
+from qwen3_chat.errors import ModelLoadError
+from qwen3_chat.files import read_json
+from qwen3_chat.models import config_from_dict
 from qwen3_chat.weights.loader import FLOAT_DTYPES, default_dtype
 
 POLL_S = 0.2
@@ -24,6 +28,8 @@ POLL_S = 0.2
 class Distributed:
     model: PipelineModel
     cluster: Cluster
+    parallel: str = "pipeline"  # what runs: pipeline or tensor
+    note: str = ""  # why it is not what was asked, for the user
 
     def close(self) -> None:
         """Followers exit on EXIT; any that do not are terminated."""
@@ -37,15 +43,19 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return next(k for k, v in FLOAT_DTYPES.items() if v == dtype)
 
 
-def open_pipeline(hostfile: Hostfile, backend: str, path: Path, *,
-                  bits: int | None = None) -> Distributed:  # fmt: skip
-    """Start every rank of `hostfile` on the model folder `path` (present on every host)."""
+def open_distributed(hostfile: Hostfile, backend: str, path: Path, *, bits: int | None = None,
+                     parallel: str = "auto") -> Distributed:  # fmt: skip
+    """Start every rank of `hostfile` on the model folder `path` (present on every host);
+    `parallel` is pipeline, tensor or auto (tensor where heads divide and RDMA is used)."""
     if len(hostfile.hosts) < 2:
         raise PipelineError("a hostfile for --hosts needs at least 2 hosts")
     if not model_digest(path):
         raise PipelineError(f"{path}: no model here (config.json missing)")
+    config = config_from_dict(read_json(path / "config.json", error=ModelLoadError))
+    mode, note = choose_parallel(parallel, config, len(hostfile.hosts), backend)
     dtype = default_dtype()
-    cluster = Cluster.start(hostfile, backend, path, bits=bits, dtype=_dtype_name(dtype))
+    cluster = Cluster.start(hostfile, backend, path, bits=bits, dtype=_dtype_name(dtype),
+                            parallel=mode)  # fmt: skip
     runner = Runner()
 
     def start() -> Joined:
@@ -54,7 +64,7 @@ def open_pipeline(hostfile: Hostfile, backend: str, path: Path, *,
             raise PipelineError(f"distributed: {group.size()} ranks joined, "
                                 f"{len(hostfile.hosts)} expected")  # fmt: skip
         return join(group, path, model_digest(path), bits=bits, dtype=dtype,
-                    names=hostfile.names)  # fmt: skip
+                    names=hostfile.names, parallel=mode)  # fmt: skip
 
     try:
         pending = runner.submit(start)
@@ -70,6 +80,7 @@ def open_pipeline(hostfile: Hostfile, backend: str, path: Path, *,
     except BaseException:
         cluster.stop()
         raise
-    model = PipelineModel(joined.stage, joined.group, wire=dtype, describe=cluster.describe,
-                          runner=runner)  # fmt: skip
-    return Distributed(model, cluster)
+    kind = TensorModel if mode == "tensor" else PipelineModel
+    model = kind(joined.stage, joined.group, wire=dtype, describe=cluster.describe,
+                 runner=runner)  # fmt: skip
+    return Distributed(model, cluster, mode, note)

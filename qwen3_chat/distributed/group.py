@@ -14,6 +14,7 @@ from enum import IntEnum
 from qwen3_chat.errors import Qwen3ChatError
 
 HEADER_SIZE = 6
+PARALLEL_MODES = ("pipeline", "tensor")  # what a run uses ("auto" is resolved before)
 NO_CACHE = 0  # cache id of a forward without a cache (logits of a whole sequence)
 # Seconds a step may take before rank 0 calls the pipeline stalled: a dead rank shows up
 # at once as a lost connection; this bounds a rank that hangs. QWEN3_DIST_TIMEOUT overrides.
@@ -70,3 +71,4 @@ def step_timeout(tokens: int) -> float:
     """How long rank 0 waits for one command to come back round the ring."""
     base = float(os.environ.get("QWEN3_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     return base + PER_TOKEN_TIMEOUT_S * tokens
+

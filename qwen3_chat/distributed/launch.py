@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +84,7 @@ class Cluster:
 
     @classmethod
     def start(cls, hostfile: Hostfile, backend: str, model: Path, *, bits: int | None,
-              dtype: str) -> Cluster:  # fmt: skip
+              dtype: str, parallel: str = "pipeline") -> Cluster:  # fmt: skip
         files = Path(tempfile.mkdtemp(prefix="qwen3-dist-"))
         cluster = cls(hostfile, backend, files)
         try:
@@ -93,7 +94,7 @@ class Cluster:
                 (files / "ibv.json").write_text(json.dumps([list(h.rdma) for h in hostfile.hosts]))
             worker = [sys.executable, "-m", "qwen3_chat.distributed.worker",
                       "--model", str(model), "--digest", model_digest(model),
-                      "--dtype", dtype, "--backend", backend,
+                      "--dtype", dtype, "--backend", backend, "--parallel", parallel,
                       "--names", ",".join(hostfile.names)]  # fmt: skip
             if bits is not None:
                 worker += ["--bits", str(bits)]
@@ -161,6 +162,7 @@ class Cluster:
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
+                p.send_signal(signal.SIGCONT)  # a stopped rank takes its SIGTERM at once
         deadline = time.monotonic() + STOP_GRACE_S
         for p in self.procs.values():
             try:

@@ -101,18 +101,23 @@ class PipelineModel:
         self._flush_dropped()
         header = Header(Op.FORWARD, pc.id if pc else NO_CACHE, n, last_only)
         mx.eval(inputs)  # it may be a lazy sample from the caller's stream
-        shape = (1, 1 if last_only else n, self.config.vocab_size)
 
         def forward() -> mx.array:
-            h = self.stage(inputs, pc.local if pc else None, last_only=False)
-            h = mx.depends(h.astype(self.wire), self._header(header))  # the header goes first
-            sent = mx.distributed.send(h, 1, group=self.group)
-            logits = mx.distributed.recv(shape, self.wire, self.size - 1, group=self.group)
-            logits = mx.depends(logits, sent)
+            logits = self._forward(inputs, header, pc.local if pc else None)
             mx.eval(logits, pc.state if pc else [])
             return logits
 
         return self._wait(forward, step_timeout(n))
+
+    def _forward(self, inputs: mx.array, header: Header, local: list[KVCache] | None) -> mx.array:
+        """The step's graph (built on the ring thread): first layers here, logits back."""
+        n_out = 1 if header.last_only else header.tokens
+        h = self.stage(inputs, local, last_only=False)
+        h = mx.depends(h.astype(self.wire), self._header(header))  # the header goes first
+        sent = mx.distributed.send(h, 1, group=self.group)
+        shape = (1, n_out, self.config.vocab_size)
+        logits = mx.distributed.recv(shape, self.wire, self.size - 1, group=self.group)
+        return mx.depends(logits, sent)
 
     def close(self) -> None:
         """Tell the followers to exit (best effort: they may be gone already)."""

@@ -29,10 +29,11 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 class Stage:
     """Layers `layers` of the model (global indices), and the ends when this rank has them."""
 
-    def __init__(self, model: nn.Module, layers: range, n_layers: int):
+    def __init__(self, model: nn.Module, layers: range, n_layers: int, head: bool = True):
         self.model, self.layers, self.n_layers = model, layers, n_layers
         self.config = model.config
         self.first, self.last = layers.start == 0, layers.stop == n_layers
+        self.head = head  # whether the last rank turns activations into logits
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -44,7 +45,7 @@ class Stage:
         caches = cache if cache is not None else [None] * len(self.layers)
         for i, c in zip(self.layers, caches, strict=True):
             h = inner.layers[i](h, c, last_only=last_only and i == self.n_layers - 1)
-        if not self.last:
+        if not (self.last and self.head):
             return h
         h = inner.norm(h)
         if self.config.tie_word_embeddings:

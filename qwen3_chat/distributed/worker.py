@@ -15,9 +15,17 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_chat.distributed.group import HEADER_SIZE, NO_CACHE, Header, Op, PipelineError
+from qwen3_chat.distributed.group import (
+    HEADER_SIZE,
+    NO_CACHE,
+    PARALLEL_MODES,
+    Header,
+    Op,
+    PipelineError,
+)
 from qwen3_chat.distributed.hosts import model_digest
 from qwen3_chat.distributed.stage import Stage, load_stage
+from qwen3_chat.distributed.tensor import BroadcastSteps, load_tensor_stage
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.models.cache import KVCache
 from qwen3_chat.weights.loader import FLOAT_DTYPES
@@ -32,6 +40,13 @@ class Joined:
 
     group: Any
     stage: Stage
+    parallel: str = "pipeline"
+
+    def steps(self, wire: mx.Dtype) -> Any:
+        """How a follower receives rank 0's commands and runs a step."""
+        if self.parallel == "tensor":
+            return BroadcastSteps(self.stage, self.group)
+        return RingSteps(self.stage, self.group, wire)
 
 
 def agree(group: Any, code: int) -> list[int]:
@@ -44,7 +59,7 @@ def agree(group: Any, code: int) -> list[int]:
 
 
 def join(group: Any, path: Path, digest: str, *, bits: int | None, dtype: mx.Dtype,
-         names: list[str]) -> Joined:  # fmt: skip
+         names: list[str], parallel: str = "pipeline") -> Joined:  # fmt: skip
     """Check that every rank has the same model, then load each rank's share.
 
     A rank without the model fails the first barrier, so nobody starts loading."""
@@ -56,7 +71,10 @@ def join(group: Any, path: Path, digest: str, *, bits: int | None, dtype: mx.Dty
                             f"different (config/index sha256 differs)")  # fmt: skip
     stage, error = None, ""
     try:
-        stage = load_stage(path, group.rank(), group.size(), bits=bits, dtype=dtype)
+        if parallel == "tensor":
+            stage = load_tensor_stage(path, group, bits=bits, dtype=dtype)
+        else:
+            stage = load_stage(path, group.rank(), group.size(), bits=bits, dtype=dtype)
     except Qwen3ChatError as e:
         error = str(e)
     codes = agree(group, OK if stage is not None else LOAD_FAILED)
@@ -64,22 +82,37 @@ def join(group: Any, path: Path, digest: str, *, bits: int | None, dtype: mx.Dty
     if failed:
         raise PipelineError(f"distributed: loading failed on {', '.join(failed)}"
                             + (f": {error}" if error else ""))  # fmt: skip
-    return Joined(group, stage)  # type: ignore[arg-type]
+    return Joined(group, stage, parallel)  # type: ignore[arg-type]
 
 
-def follow(stage: Stage, group: Any, wire: mx.Dtype) -> None:
+class RingSteps:
+    """Pipeline: headers and activations come from the previous rank and go to the next."""
+
+    def __init__(self, stage: Stage, group: Any, wire: mx.Dtype):
+        self.stage, self.group, self.wire = stage, group, wire
+        rank, size = group.rank(), group.size()
+        self.prev, self.next, self.last = rank - 1, (rank + 1) % size, rank == size - 1
+
+    def header(self) -> Header:
+        raw = mx.distributed.recv((HEADER_SIZE,), mx.int32, self.prev, group=self.group)
+        if not self.last:  # pass it on first, so the next rank is ready as soon as we are
+            raw = mx.distributed.send(raw, self.next, group=self.group)
+        mx.eval(raw)
+        return Header.decode(raw.tolist())
+
+    def forward(self, header: Header, cache: list[KVCache] | None) -> None:
+        shape = (1, header.tokens, self.stage.config.hidden_size)
+        x = mx.distributed.recv(shape, self.wire, self.prev, group=self.group)
+        out = self.stage(x, cache, header.last_only).astype(self.wire)
+        sent = mx.distributed.send(out, self.next, group=self.group)
+        mx.eval(sent, [c.state for c in cache or []])
+
+
+def follow(stage: Stage, steps: Any) -> None:
     """Run rank 0's commands until EXIT (a lost connection raises instead)."""
-    rank, size = group.rank(), group.size()
-    prev, nxt = rank - 1, (rank + 1) % size
-    last = rank == size - 1
-    hidden = stage.config.hidden_size
     caches: dict[int, list[KVCache]] = {}
     while True:
-        raw = mx.distributed.recv((HEADER_SIZE,), mx.int32, prev, group=group)
-        if not last:  # pass it on before acting, so the next rank is ready as soon as we are
-            raw = mx.distributed.send(raw, nxt, group=group)
-        mx.eval(raw)
-        header = Header.decode(raw.tolist())
+        header = steps.header()
         if header.op is Op.EXIT:
             return
         if header.op is Op.FREE:
@@ -91,10 +124,7 @@ def follow(stage: Stage, group: Any, wire: mx.Dtype) -> None:
             cache = None
             if header.cache != NO_CACHE:
                 cache = caches.setdefault(header.cache, stage.make_cache())
-            x = mx.distributed.recv((1, header.tokens, hidden), wire, prev, group=group)
-            out = stage(x, cache, header.last_only).astype(wire)
-            sent = mx.distributed.send(out, nxt, group=group)
-            mx.eval(sent, [c.state for c in cache or []])
+            steps.forward(header, cache)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -105,6 +135,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), default="float32")
     p.add_argument("--backend", default="ring")
     p.add_argument("--names", default="", help="comma-separated host of each rank")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="pipeline")
     return p.parse_args(argv)
 
 
@@ -114,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names.split(",") if args.names else [f"rank {r}" for r in range(group.size())]
     dtype = FLOAT_DTYPES[args.dtype]
     try:
-        joined = join(group, args.model, args.digest, bits=args.bits, dtype=dtype, names=names)
-        follow(joined.stage, group, dtype)
+        joined = join(group, args.model, args.digest, bits=args.bits, dtype=dtype, names=names,
+                      parallel=args.parallel)  # fmt: skip
+        follow(joined.stage, joined.steps(dtype))
     except Qwen3ChatError as e:
         print(f"rank {group.rank()}: {e}", file=sys.stderr)
         return 1
