@@ -333,6 +333,11 @@ def test_chat_uses_the_variant_already_on_disk(hub, chatty):
     r = chat("tiny", "http://127.0.0.1:9", HF_HUB_OFFLINE="1")
     assert r.returncode == 0, r.stderr
     assert not any("4bit" in q for q in hub.requests)
+    probe = ("from qwen3_chat.hub.download import find_local, variant_note\n"
+             "found = find_local('tiny')\nprint(found.bits, variant_note('tiny', found, None))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=_env(None, {}), check=True).stdout  # fmt: skip
+    assert out.startswith("8 tiny: using the 8-bit copy already on disk"), out
 
 
 def test_models_lists_converted_folders_in_full(ckpt, tmp_path):

@@ -244,6 +244,17 @@ def find_local(name: str, *, bits: int | None = None) -> LocalModel | None:
     return None
 
 
+def variant_note(name: str, found: LocalModel, bits: int | None) -> str | None:
+    """What to tell the user when no --bits was given and a non-default copy is used."""
+    if bits is not None or found.bits == DEFAULT_BITS:
+        return None
+    entry = resolve(name)[2]
+    if entry is None or entry.local is not None:  # a folder, a repo id, the built-in demo
+        return None
+    kind = "original" if found.bits == ORIGINAL_BITS else f"{found.bits}-bit"
+    return f"{name}: using the {kind} copy already on disk (--bits chooses another)"
+
+
 def resolve_local(name: str, *, bits: int | None = None) -> Path | None:
     """The folder for `name` if it is already on disk and verified, else None."""
     found = find_local(name, bits=bits)
