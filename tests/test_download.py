@@ -330,6 +330,8 @@ def test_chat_uses_the_variant_already_on_disk(hub, chatty):
     assert qwen3("download", "tiny", "--bits", "8", endpoint=hub.url).returncode == 0
     r = chat("tiny", "http://127.0.0.1:9")  # nothing reachable: only what is on disk
     assert r.returncode == 0, r.stderr
+    assert "note: tiny: using the 8-bit copy already on disk" in r.stderr  # chat says which
+    assert "using the" not in r.stdout
     r = chat("tiny", "http://127.0.0.1:9", HF_HUB_OFFLINE="1")
     assert r.returncode == 0, r.stderr
     assert not any("4bit" in q for q in hub.requests)

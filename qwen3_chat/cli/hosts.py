@@ -60,7 +60,9 @@ def open_chat_model(name: str, *, bits: int | None, hosts: str | None = None,
         registry_entry,
     )
 
-    path = locate(name, bits=bits)
+    path, variant = locate(name, bits=bits)
+    if variant:
+        typer.echo(f"note: {variant}", err=True)
     quantize, loaded_bits = _load_bits(path, name, bits)
     _quiet_ring_noise()
     dist = open_distributed(hostfile, backend or hostfile.backend or "ring", path, bits=quantize,

@@ -41,10 +41,15 @@ def open_with_status(name: str, *, bits: int | None = None) -> Any:
     """hub.open.open_model with a spinner on stderr when stderr is a terminal."""
     from qwen3_chat.hub.open import open_model
 
+    console = Console(stderr=True, highlight=False)
     if not sys.stderr.isatty():
-        return open_model(name, bits=bits)
-    status = LoadStatus(Console(stderr=True, highlight=False))
-    try:
-        return open_model(name, bits=bits, progress=status)
-    finally:
-        status.stop()  # transient: the spinner line disappears once the model is ready
+        loaded = open_model(name, bits=bits)
+    else:
+        status = LoadStatus(console)
+        try:
+            loaded = open_model(name, bits=bits, progress=status)
+        finally:
+            status.stop()  # transient: the spinner line disappears once the model is ready
+    for note in loaded.notes:  # e.g. which variant on disk was used; stderr, never stdout
+        console.print(f"note: {note}", style="dim", markup=False)
+    return loaded

@@ -7,7 +7,6 @@ weights are actually loaded, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_chat.engine.defaults import ALWAYS, HYBRID, NEVER
-from qwen3_chat.errors import ModelLoadError
+from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
+from qwen3_chat.files import read_json
 from qwen3_chat.hub.registry import ModelEntry, load_registry
 from qwen3_chat.models.config import ORIGINAL_BITS, check_bits
 
@@ -35,6 +35,7 @@ class LoadedModel:
     context_length: int | None = None  # None: the model's max_position_embeddings
     mode_sampling: dict[str, dict[str, float]] | None = None  # per mode, from models.toml
     bits: int = ORIGINAL_BITS  # quantization of the weights in memory; 16 = unquantized
+    notes: tuple[str, ...] = ()  # one-line remarks for the user (variant used, parts skipped)
 
 
 def default_model_name() -> str:
@@ -52,8 +53,8 @@ def registry_entry(name: str) -> ModelEntry | None:
 def read_config(path: Path) -> dict[str, Any]:
     """A folder's config.json as a dict; {} when absent or unreadable (the loader says why)."""
     try:
-        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(Path(path) / "config.json")
+    except Qwen3ChatError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -79,16 +80,19 @@ def guess_capability(tokenizer: Any) -> str:
     return ALWAYS if on.rstrip().endswith("<think>") else NEVER
 
 
-def locate(name: str, *, bits: int | None = None, progress: Progress | None = None) -> Path:
-    """A verified local folder for `name`, downloading (or converting) it when needed."""
+def locate(
+    name: str, *, bits: int | None = None, progress: Progress | None = None
+) -> tuple[Path, str | None]:
+    """A verified local folder for `name`, downloading (or converting) it when needed, and
+    the note to show when no --bits was given and a non-default copy on disk is used."""
     from qwen3_chat.hub import download as hub
 
-    found = hub.resolve_local(name, bits=bits)
+    found = hub.find_local(name, bits=bits)
     if found is not None:
-        return Path(found)
+        return Path(found.path), hub.variant_note(name, found, bits)
     if progress is not None:
         progress("download", f"downloading {name}")
-    return Path(hub.ensure_model(name, bits=bits, progress=progress is not None))
+    return Path(hub.ensure_model(name, bits=bits, progress=progress is not None)), None
 
 
 def _load_bits(path: Path, name: str, bits: int | None) -> tuple[int | None, int]:
@@ -112,7 +116,7 @@ def open_model(name: str, *, bits: int | None = None,
     itself never prints."""
     if bits is not None:
         check_bits(bits)
-    path = locate(name, bits=bits, progress=progress)
+    path, variant = locate(name, bits=bits, progress=progress)
     quantize, loaded_bits = _load_bits(path, name, bits)
     if progress is not None:
         progress("load", f"loading {name}")
@@ -126,4 +130,5 @@ def open_model(name: str, *, bits: int | None = None,
         context_length=entry.context_length if entry is not None else None,
         mode_sampling=(entry.sampling or None) if entry is not None else None,
         bits=loaded_bits,
+        notes=tuple(n for n in (variant, *getattr(model, "load_notes", ())) if n),
     )  # fmt: skip
