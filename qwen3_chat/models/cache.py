@@ -165,8 +165,10 @@ class Snapshots:
     are dropped, so every point kept is a prefix of what the cache holds.
     """
 
-    max_count: int = 8
-    max_bytes: int = 2 * 1024**3
+    # Two points a turn (where its prefill starts, before its last prompt token) cover the
+    # last two turns: next turn, /retry, /undo. A 27B-class model's point is ~150 MB.
+    max_count: int = 4
+    max_bytes: int = 1024**3
     points: list[tuple[int, list[LinearSnapshot | None]]] = field(default_factory=list)
 
     @property
