@@ -189,3 +189,16 @@ def test_tensor_parallel_only_where_heads_divide():
     assert choose_parallel("auto", cfg, 2, "ring") == ("pipeline", "")
     assert choose_parallel("auto", cfg, 2, "jaccl") == ("tensor", "")
     assert choose_parallel("auto", cfg, 3, "jaccl") == ("pipeline", "")
+
+
+def test_the_wait_for_a_step_follows_the_measured_pace(monkeypatch):
+    from qwen3_chat.distributed.group import Deadline
+
+    monkeypatch.setenv("QWEN3_DIST_TIMEOUT", "5")
+    d = Deadline()
+    first = d.limit(512)
+    assert 5 < first and d.limit(1) < 5.5  # a decode step is given little beyond the base
+    d.observe(128, 12.8)  # a slow machine: 0.1 s per token
+    assert d.limit(512) == pytest.approx(5 + 3 * 0.1 * 512)
+    d.observe(1, 0.01)  # a faster step does not shorten the wait below the slowest pace
+    assert d.limit(1) == pytest.approx(5 + 3 * 0.1)

@@ -8,7 +8,7 @@ follows, then the payload (activations, or the last rank's logits back to rank 0
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from qwen3_chat.errors import Qwen3ChatError
@@ -16,11 +16,13 @@ from qwen3_chat.errors import Qwen3ChatError
 HEADER_SIZE = 6
 PARALLEL_MODES = ("pipeline", "tensor")  # what a run uses ("auto" is resolved before)
 NO_CACHE = 0  # cache id of a forward without a cache (logits of a whole sequence)
-# Seconds a step may take before rank 0 calls the pipeline stalled: a dead rank shows up
-# at once as a lost connection; this bounds a rank that hangs. QWEN3_DIST_TIMEOUT overrides.
+# How long rank 0 waits for a step to come back round the ring. A dead rank shows up at
+# once as a lost connection; this bounds a rank that hangs: a fixed allowance plus a
+# multiple of the seconds per token measured so far (prefill on a slow CPU takes long).
+# QWEN3_DIST_TIMEOUT sets the fixed part.
 DEFAULT_TIMEOUT_S = 8.0
-PER_TOKEN_TIMEOUT_S = 0.05
-
+FIRST_SECONDS_PER_TOKEN = 0.15  # before anything was measured
+SLACK = 3.0
 
 class Op(IntEnum):
     FORWARD = 1  # [op, cache, tokens, last_only, 0, 0] then activations [1, tokens, hidden]
@@ -67,8 +69,19 @@ def split_layers(n_layers: int, size: int) -> list[range]:
     return ranges
 
 
-def step_timeout(tokens: int) -> float:
-    """How long rank 0 waits for one command to come back round the ring."""
-    base = float(os.environ.get("QWEN3_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    return base + PER_TOKEN_TIMEOUT_S * tokens
+@dataclass
+class Deadline:
+    """The wait allowed for a step of `tokens` tokens, learning the pace as steps finish."""
 
+    base: float = field(
+        default_factory=lambda: float(os.environ.get("QWEN3_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    )
+    per_token: float | None = None  # slowest seconds per token seen in a forward step
+
+    def limit(self, tokens: int) -> float:
+        pace = self.per_token if self.per_token is not None else FIRST_SECONDS_PER_TOKEN
+        return self.base + SLACK * pace * tokens
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.per_token = max(self.per_token or 0.0, seconds / tokens)

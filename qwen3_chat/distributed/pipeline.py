@@ -9,6 +9,7 @@ becomes one PipelineError instead of a hang; Ctrl-C still reaches the caller at 
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -17,10 +18,10 @@ import mlx.core as mx
 
 from qwen3_chat.distributed.group import (
     NO_CACHE,
+    Deadline,
     Header,
     Op,
     PipelineError,
-    step_timeout,
 )
 from qwen3_chat.distributed.runner import Runner
 from qwen3_chat.distributed.stage import Stage
@@ -85,6 +86,7 @@ class PipelineModel:
         self._dropped: list[int] = []  # caches gone on rank 0, to be freed on the followers
         self._failed: str | None = None
         self.on_fault = on_fault
+        self.deadline = Deadline()
 
     # -- what the engine and the session use ------------------------------------------------
     def make_cache(self) -> list[PipelineCache]:
@@ -103,11 +105,13 @@ class PipelineModel:
         mx.eval(inputs)  # it may be a lazy sample from the caller's stream
 
         def forward() -> mx.array:
+            start = time.perf_counter()
             logits = self._forward(inputs, header, pc.local if pc else None)
             mx.eval(logits, pc.state if pc else [])
+            self.deadline.observe(n, time.perf_counter() - start)
             return logits
 
-        return self._wait(forward, step_timeout(n))
+        return self._wait(forward, n)
 
     def _forward(self, inputs: mx.array, header: Header, local: list[KVCache] | None) -> mx.array:
         """The step's graph (built on the ring thread): first layers here, logits back."""
@@ -135,11 +139,11 @@ class PipelineModel:
         return mx.distributed.send(values, 1, group=self.group)
 
     def _command(self, header: Header) -> None:
-        self._wait(lambda: mx.eval(self._header(header)), step_timeout(0))
+        self._wait(lambda: mx.eval(self._header(header)), 0)
 
     def _settle(self) -> None:
         """Wait until every step already sent has finished here."""
-        self._wait(lambda: None, step_timeout(DEFAULT_PREFILL_STEP))
+        self._wait(lambda: None, DEFAULT_PREFILL_STEP)  # at most a prefill chunk in flight
 
     def _forget(self, cache_id: int) -> None:
         self._dropped.append(cache_id)  # from a finalizer: no communication here
@@ -148,11 +152,12 @@ class PipelineModel:
         while self._dropped:
             self._command(Header(Op.FREE, self._dropped.pop()))
 
-    def _wait(self, job: Callable[[], Any], timeout: float) -> Any:
+    def _wait(self, job: Callable[[], Any], tokens: int) -> Any:
+        """Run `job` on the ring thread, waiting as long as a step of `tokens` may take."""
         if self._failed is not None:
             raise PipelineError(self._failed)
         try:
-            ok, result = self._runner.submit(job).wait(timeout)
+            ok, result = self._runner.submit(job).wait(self.deadline.limit(tokens))
         except RuntimeError as e:  # the ring reports a lost peer as a RuntimeError
             self._fault(self._describe(e))
         if not ok:
