@@ -87,4 +87,6 @@ def test_convert_writes_a_folder_that_loads_and_keeps_mtp(tmp_path):
     out = convert(src, tmp_path / "out", 4)
     reloaded = load_model(out)
     assert greedy(reloaded) == greedy(load_model(src, bits=4))
+    theirs, _ = mlx_lm_utils.load_model(out)  # an MLX-community-compatible folder
+    assert greedy(theirs) == greedy(reloaded)
     np.testing.assert_array_equal(np.array(reloaded.mtp_weights["mtp.fc.weight"]), 0.5)
