@@ -99,11 +99,11 @@ def ban(ids: list[int]):
     return apply
 
 
-def run_ours(model, tok, prompt, n, processors) -> dict:
+def run_ours(model, tok, prompt, n, processors, **kw) -> dict:
     mx.reset_peak_memory()
     stats = None
     for ev in stream_generate(model, tok, prompt, sampling=SamplingParams(temperature=0),
-                              max_tokens=n, logits_processors=processors):  # fmt: skip
+                              max_tokens=n, logits_processors=processors, **kw):  # fmt: skip
         stats = getattr(ev, "stats", stats)
     return {"ttft": stats.ttft_s, "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
             "tokens": stats.answer_tokens + stats.reasoning_tokens,

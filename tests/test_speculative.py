@@ -284,8 +284,66 @@ def test_cli_speculate_flags_and_json_report() -> None:
     assert set(b["speculation"]) == {"method", "drafted", "accepted"}
     assert b["speculation"]["method"] == "lookup"
     assert 0 <= b["speculation"]["accepted"] <= b["speculation"]["drafted"]
+    drafted = chat("--speculate", "draft", "--draft", "demo")  # the demo drafting for itself
+    assert drafted.exit_code == 0, drafted.stderr
+    c = json.loads(drafted.stdout)
+    assert c["answer"] == a["answer"] and c["speculation"]["method"] == "draft"
+    assert c["speculation"]["accepted"] == c["speculation"]["drafted"] > 0
     for bad, says in ((["--speculate", "nope"], "--speculate must be one of"),
-                      (["--draft", "qwen3-0.6b"], "--draft needs --speculate draft")):  # fmt: skip
+                      (["--draft", "qwen3-0.6b"], "--draft needs --speculate draft"),
+                      (["--speculate", "draft"], "needs --draft MODEL")):  # fmt: skip
         r = chat(*bad)
         assert r.exit_code == 2 and says in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# -- a draft model -------------------------------------------------------------------------
+@pytest.mark.parametrize("same", [True, False], ids=["draft=target", "other-weights"])
+def test_a_draft_model_gives_plain_greedy_tokens(same: bool) -> None:
+    model = build(tiny_config())
+    drafter = model if same else build(tiny_config(num_hidden_layers=1), seed=9)
+    body = np.random.default_rng(7).integers(0, 512, 20).tolist()
+    plain = tokens_of(generate_tokens(model, body, model.make_cache(),
+                                      make_sampler(GREEDY), []), 60)  # fmt: skip
+    spec = Speculation("draft", draft_model=drafter)
+    cache = model.make_cache()
+    assert spec.applies(model, cache)
+    got = tokens_of(spec.tokens(model, body, cache, GREEDY, [], None, 512, TokenStream()), 60)
+    assert got == plain
+    s = spec.stats
+    if same:  # the target drafting for itself: every draft is kept
+        assert s.accepted == s.drafted > 0 and s.tokens_per_step > 3, s
+    else:
+        assert s.accepted < s.drafted
+
+
+def test_a_draft_model_must_share_the_vocabulary() -> None:
+    from qwen3_chat.engine.speculative import SpeculationError
+
+    class Tok:
+        def __init__(self, n: int):
+            self.vocab_size = n
+
+    model, other = build(tiny_config()), build(tiny_config(vocab_size=256))
+    spec = Speculation("draft")
+    with pytest.raises(SpeculationError, match="vocabulary"):
+        spec.use_draft(other, Tok(256), model, Tok(512))
+    spec.use_draft(model, Tok(512), model, Tok(512))
+    assert spec.draft_model is model and not Speculation("draft").applies(model, [KVCache()])
+
+
+def test_sampling_with_a_draft_model_is_reproducible_and_mostly_accepted() -> None:
+    model = build(tiny_config())
+    body = np.random.default_rng(8).integers(0, 512, 20).tolist()
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=20, seed=4)
+
+    def run() -> tuple[list[int], Speculation]:
+        spec = Speculation("draft", draft_model=model)
+        stream = spec.tokens(model, body, model.make_cache(), params, [], None, 512,
+                             TokenStream())  # fmt: skip
+        return tokens_of(stream, 40), spec
+
+    (a, spec), (b, _) = run(), run()
+    assert a == b and all(0 <= t < 512 for t in a)
+    # q == p when the target drafts for itself: min(1, p/q) = 1, every draft is kept.
+    assert spec.stats.accepted == spec.stats.drafted > 0

@@ -240,6 +240,12 @@ def chat(
         mode_sampling=loaded.mode_sampling,
         context_length=loaded.context_length,
     )  # fmt: skip
+    if speculation is not None and speculation.method == "draft":
+        d = cli_hosts.open_chat_model(draft, bits=bits)
+        try:
+            speculation.use_draft(d.model, d.tokenizer, loaded.model, loaded.tokenizer)
+        except SpeculationError as e:
+            raise usage_exit(str(e)) from None
     session.speculation = speculation
     from qwen3_chat.cli.attachments import read_attachments, with_attachments
 

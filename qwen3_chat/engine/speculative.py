@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import mlx.core as mx
 
@@ -47,6 +48,12 @@ from qwen3_chat.models.cache import KVCache
 METHODS = ("auto", "off", "lookup", "draft")
 
 
+class Drafter(Protocol):
+    def extend(self, tokens: Sequence[int]) -> None: ...
+
+    def draft(self, k: int) -> tuple[list[int], mx.array | None]: ...
+
+
 class SpeculationError(ValueError):
     """A --speculate / --draft combination that cannot work."""
 
@@ -60,10 +67,9 @@ def make_speculation(method: str, draft: str | None = None) -> Speculation | Non
         raise SpeculationError(f"--speculate must be one of {', '.join(METHODS)}, not {method!r}")
     if draft is not None and method != "draft":
         raise SpeculationError("--draft needs --speculate draft")
-    if method == "draft":
-        raise SpeculationError("--speculate draft: draft models are not supported yet "
-                               "(use lookup)")  # fmt: skip
-    return None if method == "off" else Speculation("lookup")
+    if method == "draft" and draft is None:
+        raise SpeculationError("--speculate draft needs --draft MODEL")
+    return None if method == "off" else Speculation("draft" if method == "draft" else "lookup")
 
 
 @dataclass
@@ -117,6 +123,10 @@ class PromptLookup:
                 return self.ids[start : start + k]
         return []
 
+    def draft(self, k: int) -> tuple[list[int], None]:
+        """Drafts and their distributions: lookup's are certain (None)."""
+        return self.propose(k), None
+
 
 @dataclass
 class DraftLength:
@@ -147,7 +157,7 @@ class Verifier:
         if self.params.seed is not None and self.key is None:
             self.key = mx.random.key(self.params.seed)
 
-    def _subkey(self) -> mx.array | None:
+    def next_key(self) -> mx.array | None:
         if self.key is None:
             return None  # MLX's global generator
         self.key, sub = mx.random.split(self.key)
@@ -181,13 +191,13 @@ class Verifier:
             ratio = mx.take_along_axis(probs[:k], d, axis=-1)[:, 0]
             if q is not None:
                 ratio = ratio / mx.take_along_axis(q, d, axis=-1)[:, 0]
-            kept = (mx.random.uniform(shape=(k,), key=self._subkey()) < ratio).tolist()
+            kept = (mx.random.uniform(shape=(k,), key=self.next_key()) < ratio).tolist()
             j = kept.index(False) if False in kept else k
         row = probs[j]
         if j < k:  # the residual max(p - q, 0): what p has beyond the drafter's proposal
             drafted = q[j] if q is not None else (mx.arange(row.shape[-1]) == drafts[j])
             row = mx.maximum(row - drafted.astype(row.dtype), 0.0)
-        token = mx.random.categorical(mx.log(row), key=self._subkey()).item()
+        token = mx.random.categorical(mx.log(row), key=self.next_key()).item()
         return [*drafts[:j], token]
 
 
@@ -197,13 +207,21 @@ class Speculation:
 
     method: str = "lookup"
     max_ngram: int = 4
+    draft_model: Any = None  # for "draft": a model sharing the tokenizer (engine.draft)
     stats: SpecStats = field(init=False)  # the latest request's
     reason: str | None = None  # why the latest request ran without speculation
 
     def __post_init__(self) -> None:
-        if self.method not in ("lookup",):
+        if self.method not in ("lookup", "draft"):
             raise ValueError(f"unknown speculation method {self.method!r}")
         self.stats = SpecStats(self.method)
+
+    def use_draft(self, draft_model, draft_tokenizer, model, tokenizer) -> None:
+        """Draft with `draft_model`, once it is known to read the target's token ids."""
+        from qwen3_chat.engine.draft import check_compatible
+
+        check_compatible(draft_model, draft_tokenizer, model, tokenizer)
+        self.draft_model = draft_model
 
     def report(self) -> dict:
         """For GenerationStats: what the latest request drafted and kept."""
@@ -215,6 +233,9 @@ class Speculation:
         """Rejected drafts leave the cache by trimming: only plain KV caches can do that."""
         if not all(type(c) is KVCache for c in cache):
             self.reason = "the model's recurrent layers cannot drop rejected drafts"
+            return False
+        if self.method == "draft" and self.draft_model is None:
+            self.reason = "no draft model was given"
             return False
         self.reason = None
         return True
@@ -233,7 +254,12 @@ class Speculation:
     ) -> Iterator[tuple[int, bool]]:
         """The token layer of stream_generate, speculating: yields (token id, forced)."""
         self.stats = SpecStats(self.method)
-        drafter = PromptLookup(self.max_ngram)
+        if self.method == "draft":
+            from qwen3_chat.engine.draft import DraftModel
+
+            drafter: Drafter = DraftModel(self.draft_model, sampling)
+        else:
+            drafter = PromptLookup(self.max_ngram)
         drafter.extend(prompt_ids)
         return _speculate(
             model, prompt_ids, cache, Verifier(sampling), list(processors), override, drafter,
@@ -262,7 +288,7 @@ def _speculate(
     verifier: Verifier,
     processors: list[LogitsProcessor],
     override: Override | None,
-    drafter: PromptLookup,
+    drafter: Drafter,
     stats: SpecStats,
     prefill_step: int,
     timing: TokenStream,
@@ -289,7 +315,7 @@ def _speculate(
                     yield t, t != y
             drafter.extend(feed)
             room = (limit - held - len(feed) - 1) if limit else length.high
-            drafts = drafter.propose(min(length.length, room))
+            drafts, q = drafter.draft(min(length.length, room))
             fed = [*feed, *drafts]
             with mx.stream(generation_stream()):
                 if drafts:
@@ -297,7 +323,7 @@ def _speculate(
                     logits = out[0, len(feed) - 1 :]
                 else:  # nothing to verify: the compiled one-token step
                     logits = decode(model, feed, cache)
-            emitted = verifier.verify(_rows(processors, history, fed, logits), drafts)
+            emitted = verifier.verify(_rows(processors, history, fed, logits), drafts, q)
             kept = len(emitted) - 1
             rewind(cache, held + len(feed) + kept)
             held += len(feed)  # then one more per kept draft, as it is handed on
