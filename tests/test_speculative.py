@@ -347,3 +347,18 @@ def test_sampling_with_a_draft_model_is_reproducible_and_mostly_accepted() -> No
     assert a == b and all(0 <= t < 512 for t in a)
     # q == p when the target drafts for itself: min(1, p/q) = 1, every draft is kept.
     assert spec.stats.accepted == spec.stats.drafted > 0
+
+
+def test_stats_line_for_speculation() -> None:
+    from dataclasses import replace
+
+    from qwen3_chat.cli.render import speculation_line
+    from qwen3_chat.engine.events import GenerationStats
+
+    st = GenerationStats(1, 1, 0, 5, 1.0, 1.0, 0.1, 0.2, 0.0, "stop", False)
+    assert speculation_line(st) is None
+    on = replace(st, speculation={"method": "lookup", "drafted": 40, "accepted": 30})
+    assert speculation_line(on) == "speculation (lookup): 30 of 40 drafted tokens accepted (75%)"
+    why = "the model's recurrent layers cannot drop drafts"
+    off = replace(st, speculation={"method": "off", "drafted": 0, "accepted": 0, "reason": why})
+    assert speculation_line(off) == f"speculation off: {why}"

@@ -19,7 +19,7 @@ from rich.text import Text
 from qwen3_chat.cli import clipboard, settings
 from qwen3_chat.cli.attachments import read_attachments
 from qwen3_chat.cli.conversations import ConversationStore, write_private_json
-from qwen3_chat.cli.render import reasoning_panel, stats_line
+from qwen3_chat.cli.render import reasoning_panel, speculation_line, stats_line
 from qwen3_chat.cli.terminal import sanitize
 from qwen3_chat.engine.defaults import allows_thinking
 from qwen3_chat.errors import Qwen3ChatError
@@ -222,6 +222,8 @@ def _stats(repl: Repl, arg: str) -> None:
     if st is None:
         raise Qwen3ChatError("no answer yet")
     repl.say(stats_line(st), "dim")
+    if (line := speculation_line(st)) is not None:
+        repl.say(line, "dim")
     repl.say(f"prefill {st.prefill_tokens} tokens at {st.prefill_tps:.0f} tok/s · peak "
              f"memory {st.peak_memory_gb:.2f} GB · finish {st.finish_reason}"
              + (" · budget hit" if st.budget_hit else ""), "dim")  # fmt: skip

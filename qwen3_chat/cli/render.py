@@ -68,6 +68,18 @@ def stats_line(stats: Any) -> str:
     return " · ".join(parts)
 
 
+def speculation_line(stats: Any) -> str | None:
+    """/stats: how many drafts speculative decoding proposed and kept (None if it did not run)."""
+    sp = getattr(stats, "speculation", None)
+    if not sp:
+        return None
+    if sp.get("reason"):
+        return f"speculation off: {sp['reason']}"
+    drafted, accepted = sp["drafted"], sp["accepted"]
+    rate = f" ({accepted / drafted:.0%})" if drafted else ""
+    return f"speculation ({sp['method']}): {accepted} of {drafted} drafted tokens accepted{rate}"
+
+
 def unfinished_thinking_line(finish_reason: str) -> str:
     """The note for a turn that ended inside its reasoning, worded by why it ended."""
     return "▸ " + UNFINISHED_THINKING.get(finish_reason, f"thinking ended ({finish_reason})")
