@@ -21,13 +21,17 @@ from qwen3_chat.cli import models as cli_models
 from qwen3_chat.cli import serve as cli_serve
 from qwen3_chat.cli import show as cli_show
 from qwen3_chat.cli.usage import check_bits_option, usage_exit
+from qwen3_chat.engine.defaults import (  # MLX-free: `qwen3 --help` stays fast
+    ALWAYS,
+    DEFAULT_BUDGET,
+    DEFAULT_MAX_TOKENS,
+    NEVER,
+    NON_THINKING,
+    QWEN_SAMPLING,
+    THINKING,
+)
 from qwen3_chat.errors import Qwen3ChatError
 
-# Thinking budget when none is given: long enough for Qwen3's usual reasoning on everyday
-# questions, short enough that a runaway chain of thought ends within a minute or two.
-DEFAULT_BUDGET = 4096
-# Room for long answers (Qwen recommends 32768 for hard problems; this fits most chats).
-DEFAULT_MAX_TOKENS = 8192
 # MLX's PRNG key is built from an unsigned 64-bit seed.
 SEED_MAX = 2**64 - 1
 
@@ -174,7 +178,8 @@ def chat(
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1,
                                    help="Most answer tokens."),
     temp: float | None = typer.Option(None, "--temp", min=0.0,
-        help="Temperature [default: 0.6 thinking, 0.7 not]."),
+        help=f"Temperature [default: {QWEN_SAMPLING[THINKING]['temperature']} thinking, "
+             f"{QWEN_SAMPLING[NON_THINKING]['temperature']} not]."),
     top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0),
     top_k: int | None = typer.Option(None, "--top-k", min=0),
     min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0),
@@ -229,10 +234,10 @@ def chat(
     loaded = cli_hosts.open_chat_model(model_name or default_model_name(), bits=bits,
                                        hosts=hosts, parallel=parallel, backend=backend)
     _warn_unhonoured(think, loaded.name, loaded.capability)
-    thinking = (loaded.capability != "never") if think is None else think
+    thinking = (loaded.capability != NEVER) if think is None else think
     session = ChatSession(
         loaded.model, loaded.tokenizer, system=system,
-        thinking=thinking or loaded.capability == "always",
+        thinking=thinking or loaded.capability == ALWAYS,
         budget=None if no_budget else (DEFAULT_BUDGET if budget is None else budget),
         max_tokens=max_tokens, capability=loaded.capability,
         sampling_overrides=_overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -264,9 +269,9 @@ def chat(
 
 def _warn_unhonoured(think: bool | None, name: str, capability: str) -> None:
     """--think/--no-think that the model's template cannot honour: say so, once."""
-    if think is False and capability == "always":
+    if think is False and capability == ALWAYS:
         typer.echo(f"warning: {name} always thinks; --no-think is ignored", err=True)
-    elif think is True and capability == "never":
+    elif think is True and capability == NEVER:
         typer.echo(f"warning: {name} cannot think; --think is ignored", err=True)
 
 
