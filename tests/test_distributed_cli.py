@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 from checkpoints import make_checkpoint, tiny_config
 
@@ -175,3 +176,22 @@ def test_repl_across_ranks_retry_undo_exit(tmp_path, model_dir, one_process):
     term.send("/exit")
     assert term.close() == 0
     assert workers_of(model_dir) == []
+
+
+def test_repl_stops_with_one_line_and_a_sound_terminal_when_a_rank_dies(tmp_path, model_dir):
+    from pty_term import Term
+
+    term = Term(["-m", str(model_dir), "--temp", "0", "--no-budget", "--max-tokens", "100000",
+                 "--hosts", str(hostfile(tmp_path, 2))], tmp_path / "state")  # fmt: skip
+    term.prompt()
+    victim = followers(term.child.pid)[0]
+    term.send("Tell me a long story")
+    time.sleep(1.0)  # answering (echo is off while the REPL generates)
+    assert not term.child.getecho()
+    os.kill(victim, signal.SIGKILL)
+    term.expect("error: distributed: rank 1 on 127.0.0.1 stopped")
+    term.child.expect(pexpect.EOF)
+    assert term.child.getecho()  # the terminal is left as it was found
+    transcript = term.transcript + term.child.before
+    assert term.close() == 1
+    assert "Traceback" not in transcript and "[ring]" not in transcript

@@ -71,9 +71,13 @@ def open_chat_model(name: str, *, bits: int | None, hosts: str | None = None,
     if dist.note:
         typer.echo(f"note: {dist.note}", err=True)
 
+    restore_terminal = _terminal_restorer()
+
     def stop(line: str) -> None:
         # A rank died or hung: say which, end the others, and leave now (a hung step
-        # holds a thread inside MLX that a normal exit would wait for).
+        # holds a thread inside MLX that a normal exit would wait for), leaving the
+        # terminal as we found it (the REPL turns echo off while it generates).
+        restore_terminal()
         typer.echo(f"error: {line}", err=True)
         sys.stderr.flush()
         dist.cluster.stop()
@@ -89,6 +93,26 @@ def open_chat_model(name: str, *, bits: int | None, hosts: str | None = None,
         mode_sampling=(entry.sampling or None) if entry is not None else None,
         bits=loaded_bits,
     )  # fmt: skip
+
+
+def _terminal_restorer() -> Any:
+    """A function that puts the terminal back as it is now (mode, cursor shown)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError):
+        saved = None
+
+    def restore() -> None:
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        if sys.stdout.isatty():
+            sys.stdout.write("\x1b[?25h\n")  # a live panel may have hidden the cursor
+            sys.stdout.flush()
+
+    return restore
 
 
 def _quiet_ring_noise() -> None:
