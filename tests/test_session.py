@@ -15,6 +15,7 @@ from qwen3_chat.chat.session import soft_switch
 from qwen3_chat.chat.tokenizer import Tokenizer
 from qwen3_chat.engine.budget import CLOSING_TEXT
 from qwen3_chat.engine.events import AnswerText, ContextTrimmed, Finished, ReasoningText
+from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP
 from qwen3_chat.errors import Qwen3ChatError, SettingsError
 
 GREEDY = SamplingParams(temperature=0)
@@ -202,7 +203,7 @@ def test_an_interrupted_prefill_is_counted_as_far_as_it_went_and_reused(tiny):
     with pytest.raises(KeyboardInterrupt):
         finished(s.send(long))
     s.abort()
-    step = 512
+    step = DEFAULT_PREFILL_STEP
     assert s.messages == () and s.last_stats.prefill_tokens == step
     again = finished(s.send(long))
     assert again.stats.prefill_tokens == again.stats.prompt_tokens - step
