@@ -195,3 +195,27 @@ def test_repl_stops_with_one_line_and_a_sound_terminal_when_a_rank_dies(tmp_path
     transcript = term.transcript + term.child.before
     assert term.close() == 1
     assert "Traceback" not in transcript and "[ring]" not in transcript
+
+
+def test_a_remote_host_is_started_through_ssh_with_every_word_quoted(tmp_path, model_dir,
+                                                                     one_process):  # fmt: skip
+    """The remote path, up to the network: `ssh` here runs its command in a local shell,
+    as sshd would on the other Mac, so the quoting, the copied ring addresses and the
+    environment are real."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ssh").write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\n'
+                              'shift; echo "$1" > "$(dirname "$0")/host"; shift\n'
+                              'exec /bin/sh -c "$1"\n')  # fmt: skip
+    (fake / "ssh").chmod(0o755)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                                 {"ssh": "me@mac-2.local", "ips": ["127.0.0.1"]}]))  # fmt: skip
+    cmd = [*QWEN3, "chat", "-m", str(model_dir), "--temp", "0", "--no-budget", "--max-tokens",
+           "12", "--json", "Hello there", "--hosts", str(hosts)]  # fmt: skip
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env,
+                         stdin=subprocess.DEVNULL)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["answer"] == one_process["answer"]
+    assert (fake / "host").read_text().strip() == "me@mac-2.local"

@@ -118,7 +118,7 @@ class Cluster:
             content = (self.files / name).read_text()
             env.pop(key)
             script = (f"f=$(mktemp) && printf %s {shlex.quote(content)} > \"$f\" && "
-                      f"{key}=\"$f\" exec env {shlex.join(f'{k}={v}' for k, v in env.items())} "
+                      f"exec env {key}=\"$f\" {shlex.join(f'{k}={v}' for k, v in env.items())} "
                       f"{shlex.join(worker)}")  # fmt: skip
             ssh = shutil.which("ssh") or "ssh"
             argv, child_env = [ssh, "-o", "BatchMode=yes", "--", host.ssh, script], None
