@@ -363,3 +363,23 @@ def test_bad_settings_raise_a_settings_error_before_any_work(tiny, kw, match):
     with pytest.raises(SettingsError, match=match):
         run(model, tok, [5, 6], cache=cache, **kw)
     assert cache[0].offset == 0
+
+
+def test_generation_works_from_another_thread_after_the_main_one(tiny):
+    """A server generates on a worker thread; MLX streams belong to their thread, so the
+    generation stream is per thread (a shared one failed: no Stream(cpu, N) in this thread)."""
+    import threading
+
+    model, tok = tiny
+    ids = tok.encode("Hello there")
+
+    def tokens() -> tuple[int, ...]:
+        return [e for e in stream_generate(model, tok, ids, sampling=SamplingParams(temperature=0),
+                                           max_tokens=4) if isinstance(e, Finished)][0].token_ids
+
+    first = tokens()
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(tokens()))
+    worker.start()
+    worker.join()
+    assert result == [first]

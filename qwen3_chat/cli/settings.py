@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from qwen3_chat.engine.defaults import NON_THINKING, THINKING
+from qwen3_chat.engine.defaults import ALWAYS, NON_THINKING, THINKING
 from qwen3_chat.errors import Qwen3ChatError
 
 # SamplingParams' fields (a test keeps them equal): named here so that the REPL's help and
@@ -133,7 +133,7 @@ def describe(session: Any, model_name: str) -> list[tuple[str, str]]:
     mode = "thinking" if session.thinking else "non-thinking"
     rows = [("model", f"{model_name} ({session.capability})"), ("mode", mode)]
     for label, thinking in MODES.items():
-        if thinking and not session.can_think or not thinking and session.capability == "always":
+        if thinking and not session.can_think or not thinking and session.capability == ALWAYS:
             continue
         p = session.sampling_for(thinking)
         seed = "random" if p.seed is None else str(p.seed)

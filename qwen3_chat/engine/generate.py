@@ -6,6 +6,7 @@ GPU (or CPU) works while Python handles the previous token.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,15 +48,15 @@ __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_PREFILL_STEP", "prefill", "stream_gene
 # interrupt waits. 512 keeps that short at no measurable cost in prefill speed.
 DEFAULT_PREFILL_STEP = 512
 
-_stream: mx.Stream | None = None
+_streams = threading.local()  # MLX streams belong to the thread that made them
 
 
 def generation_stream() -> mx.Stream:
-    """A dedicated stream so generation work overlaps with whatever else is queued."""
-    global _stream
-    if _stream is None:
-        _stream = mx.new_stream(mx.default_device())
-    return _stream
+    """A dedicated stream (one per thread) so generation overlaps with whatever else is queued."""
+    stream = getattr(_streams, "stream", None)
+    if stream is None:
+        stream = _streams.stream = mx.new_stream(mx.default_device())
+    return stream
 
 
 def cache_offset(cache: Sequence[KVCache]) -> int:
