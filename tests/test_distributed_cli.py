@@ -219,3 +219,38 @@ def test_a_remote_host_is_started_through_ssh_with_every_word_quoted(tmp_path, m
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["answer"] == one_process["answer"]
     assert (fake / "host").read_text().strip() == "me@mac-2.local"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ([{"ssh": "-oProxyCommand=touch /tmp/x"}], "is not a host name"),  # no ssh options
+    ([{"ssh": "mac1", "ips": ["10.0.0.300"]}], "'10.0.0.300' is not an IP address"),
+    ({"backend": "nccl", "hosts": [{"ssh": "mac1"}]}, "backend must be one of ring, jaccl, mpi"),
+    ([], "needs a non-empty list of hosts"),
+])  # fmt: skip
+def test_hostfiles_are_checked_before_anything_runs(tmp_path, data, message):
+    from qwen3_chat.distributed.hosts import HostfileError, read_hostfile
+
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(HostfileError, match=message):
+        read_hostfile(path)
+
+
+def test_each_rank_gets_what_mlx_launch_would_export(tmp_path):
+    from qwen3_chat.distributed.group import PipelineError
+    from qwen3_chat.distributed.hosts import read_hostfile
+    from qwen3_chat.distributed.launch import backend_env, ring_addresses
+
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"envs": ["MLX_METAL_FAST_SYNCH=1"], "hosts": [
+        {"ssh": "mac1", "ips": ["10.0.0.1"], "rdma": [None, "rdma_en3"]},
+        {"ssh": "mac2", "ips": ["10.0.0.2"], "rdma": ["rdma_en3", None]}]}))  # fmt: skip
+    hf = read_hostfile(path)
+    assert ring_addresses(hf) == [["10.0.0.1:32323"], ["10.0.0.2:32324"]]
+    assert backend_env(hf, "ring", 1, tmp_path) == {
+        "MLX_METAL_FAST_SYNCH": "1", "MLX_RANK": "1", "MLX_HOSTFILE": str(tmp_path / "ring.json")}
+    jaccl = backend_env(hf, "jaccl", 1, tmp_path)
+    assert jaccl["MLX_JACCL_COORDINATOR"] == "10.0.0.1:32323"
+    assert jaccl["MLX_IBV_DEVICES"] == str(tmp_path / "ibv.json")
+    with pytest.raises(PipelineError, match="use ring or jaccl"):
+        backend_env(hf, "mpi", 1, tmp_path)
