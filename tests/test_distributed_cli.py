@@ -254,3 +254,28 @@ def test_each_rank_gets_what_mlx_launch_would_export(tmp_path):
     assert jaccl["MLX_IBV_DEVICES"] == str(tmp_path / "ibv.json")
     with pytest.raises(PipelineError, match="use ring or jaccl"):
         backend_env(hf, "mpi", 1, tmp_path)
+
+
+def test_repl_ctrl_c_mid_answer_keeps_every_rank_in_step(tmp_path, model_dir, one_process):
+    """Ctrl-C lands while a step is on the ring: the session rewinds, the followers with
+    it, and a fresh conversation then answers exactly as one process does."""
+    from pty_term import Term
+
+    term = Term(["-m", str(model_dir), "--temp", "0", "--no-budget", "--max-tokens", "12",
+                 "--hosts", str(hostfile(tmp_path, 3))], tmp_path / "state")  # fmt: skip
+    term.prompt()
+    term.send("/set max_tokens 100000")
+    term.prompt()
+    term.send("Tell me a long story")
+    time.sleep(1.5)
+    term.child.send("\x03")
+    term.expect(r"\[interrupted\]")
+    term.send("/set max_tokens 12")
+    term.prompt()
+    term.send("/clear")
+    term.prompt()
+    term.ask("Hello there")
+    assert one_process["answer"].split()[0] in term.seen
+    term.send("/exit")
+    assert term.close() == 0
+    assert workers_of(model_dir) == []
