@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from checkpoints import make_checkpoint, tiny_config
+from pty_term import PLAIN_TEMPLATE
 
 QWEN3 = [sys.executable, "-m", "qwen3_chat"]
 
@@ -56,8 +58,9 @@ def followers(pid: int) -> list[int]:
     return sorted(int(k) for k in kids)
 
 
-def chat(model: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    cmd = [*QWEN3, "chat", "-m", str(model), "--temp", "0", "--no-budget", "--max-tokens", "12",
+def chat(model: Path, *extra: str, budget: str = "--no-budget",
+         timeout: float = 60) -> subprocess.CompletedProcess:  # fmt: skip
+    cmd = [*QWEN3, "chat", "-m", str(model), "--temp", "0", budget, "--max-tokens", "12",
            "--json", "Hello there", *extra]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)  # fmt: skip
@@ -279,3 +282,22 @@ def test_repl_ctrl_c_mid_answer_keeps_every_rank_in_step(tmp_path, model_dir, on
     term.send("/exit")
     assert term.close() == 0
     assert workers_of(model_dir) == []
+
+
+def test_thinking_budget_across_ranks(tmp_path, model_dir):
+    """The budget forces its closing text in place of a sampled token: that rewinds the
+    cache by one on every rank. Reasoning, answer and counts match one process."""
+    # A template that always opens <think> (as Thinking-2507's does): random weights
+    # would never open it themselves.
+    thinker = tmp_path / "thinker"
+    shutil.copytree(model_dir, thinker)
+    cfg = json.loads((thinker / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = PLAIN_TEMPLATE + "{% if add_generation_prompt %}<think>\n{% endif %}"
+    (thinker / "tokenizer_config.json").write_text(json.dumps(cfg))
+    args = ["--max-tokens", "6"]
+    one = chat(thinker, *args, budget="--budget=4")
+    many = chat(thinker, *args, "--hosts", str(hostfile(tmp_path, 2)), budget="--budget=4")
+    assert one.returncode == 0 and many.returncode == 0, many.stderr
+    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    assert a["budget_hit"] and a["reasoning"]
+    assert (b["reasoning"], b["answer"], b["usage"]) == (a["reasoning"], a["answer"], a["usage"])
