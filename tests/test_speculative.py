@@ -48,7 +48,14 @@ def test_draft_length_grows_on_full_acceptance_and_falls_after_a_miss() -> None:
     n.update(6, 1)
     assert n.length == 2
     n.update(0, 0)  # nothing drafted: no evidence either way
-    assert n.length == 2
+    assert n.length == 2 and n.next() == 2
+    n.update(2, 0)  # a complete miss: pause one step, then two, then four...
+    assert [n.next() for _ in range(2)] == [0, 1]
+    n.update(1, 0)
+    assert [n.next() for _ in range(3)] == [0, 0, 1]
+    n.update(1, 1)  # a hit ends the backoff
+    n.update(3, 0)
+    assert [n.next() for _ in range(2)] == [0, 1] and n.backoff == 2
 
 
 def tokens_of(stream, n: int) -> list[int]:

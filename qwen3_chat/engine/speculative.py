@@ -46,6 +46,9 @@ from qwen3_chat.engine.sampling import (
 from qwen3_chat.models.cache import KVCache
 
 METHODS = ("auto", "off", "lookup", "draft")
+# Longest pause in drafting after repeated misses: long enough to cost little on text that
+# never repeats, short enough to pick up a quote that starts later.
+MAX_PAUSE = 16
 
 
 class Drafter(Protocol):
@@ -131,15 +134,30 @@ class PromptLookup:
 @dataclass
 class DraftLength:
     """Adapt how many tokens to draft to how many were kept: grow while all are taken,
-    fall back to just past the last kept one, so a run of misses costs little."""
+    fall back to just past the last kept one. A draft wholly rejected pauses drafting for
+    a few steps (twice as many after each further miss), so text that does not repeat
+    costs little more than plain decoding."""
 
     length: int = 4
     low: int = 1
     high: int = 10
+    pause: int = 0  # steps left without drafting
+    backoff: int = 1  # the next pause
+
+    def next(self) -> int:
+        """How many tokens to draft now (0 while paused)."""
+        if self.pause > 0:
+            self.pause -= 1
+            return 0
+        return self.length
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
+        if accepted == 0:
+            self.pause, self.backoff = self.backoff, min(2 * self.backoff, MAX_PAUSE)
+        else:
+            self.backoff = 1
         if accepted == drafted:
             self.length = min(self.high, self.length + 2)
         else:
@@ -315,7 +333,7 @@ def _speculate(
                     yield t, t != y
             drafter.extend(feed)
             room = (limit - held - len(feed) - 1) if limit else length.high
-            drafts, q = drafter.draft(min(length.length, room))
+            drafts, q = drafter.draft(min(length.next(), room))
             fed = [*feed, *drafts]
             with mx.stream(generation_stream()):
                 if drafts:
