@@ -369,3 +369,23 @@ def test_stats_line_for_speculation() -> None:
     why = "the model's recurrent layers cannot drop drafts"
     off = replace(st, speculation={"method": "off", "drafted": 0, "accepted": 0, "reason": why})
     assert speculation_line(off) == f"speculation off: {why}"
+
+
+def test_auto_drafts_only_for_long_prompts(tiny) -> None:
+    from qwen3_chat.engine.speculative import AUTO_MIN_PROMPT, make_speculation
+
+    model, tok = tiny
+    auto = make_speculation("auto")
+    short = tok.encode(PROMPT)
+    assert len(short) < AUTO_MIN_PROMPT
+    plain = final(stream_generate(model, tok, short, sampling=GREEDY, max_tokens=20))
+    got = final(stream_generate(model, tok, short, sampling=GREEDY, max_tokens=20,
+                                speculation=auto))  # fmt: skip
+    assert got.token_ids == plain.token_ids
+    assert got.stats.speculation["method"] == "off" and "auto" in got.stats.speculation["reason"]
+    long = tok.encode(PROMPT.replace(CODE, CODE * 6))
+    assert len(long) >= AUTO_MIN_PROMPT
+    got = final(stream_generate(model, tok, long, sampling=GREEDY, max_tokens=20,
+                                speculation=auto))  # fmt: skip
+    assert got.stats.speculation["method"] == "lookup"
+    assert make_speculation("off") is None

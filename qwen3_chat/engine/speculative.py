@@ -31,6 +31,7 @@ from qwen3_chat.engine.generate import (
     Override,
     TokenStream,
     cache_offset,
+    generate_tokens,
     generation_stream,
     prefill,
     rewind,
@@ -42,10 +43,13 @@ from qwen3_chat.engine.sampling import (
     keep_min_p,
     keep_top_k,
     keep_top_p,
+    make_sampler,
 )
 from qwen3_chat.models.cache import KVCache
 
 METHODS = ("auto", "off", "lookup", "draft")
+# --speculate auto drafts only from a prompt this long (new tokens): a pasted diff or file.
+AUTO_MIN_PROMPT = 256
 # Longest pause in drafting after repeated misses: long enough to cost little on text that
 # never repeats, short enough to pick up a quote that starts later.
 MAX_PAUSE = 16
@@ -64,15 +68,18 @@ class SpeculationError(ValueError):
 def make_speculation(method: str, draft: str | None = None) -> Speculation | None:
     """The policy for --speculate METHOD [--draft MODEL]; None for plain decoding.
 
-    auto is prompt lookup: it costs one n-gram probe per token when nothing matches and
-    pays on prompts that the answer quotes (code review, edits, summaries)."""
+    auto is prompt lookup for prompts long enough to be quoted (code review, edits, pasted
+    text): on a short prompt drafts rarely hold, and on a CPU a rejected draft costs more
+    than the compiled plain step it replaces (bench/speed.py measures both)."""
     if method not in METHODS:
         raise SpeculationError(f"--speculate must be one of {', '.join(METHODS)}, not {method!r}")
     if draft is not None and method != "draft":
         raise SpeculationError("--draft needs --speculate draft")
     if method == "draft" and draft is None:
         raise SpeculationError("--speculate draft needs --draft MODEL")
-    return None if method == "off" else Speculation("draft" if method == "draft" else "lookup")
+    if method == "off":
+        return None
+    return Speculation("draft" if method == "draft" else "lookup", auto=method == "auto")
 
 
 @dataclass
@@ -226,6 +233,7 @@ class Speculation:
     method: str = "lookup"
     max_ngram: int = 4
     draft_model: Any = None  # for "draft": a model sharing the tokenizer (engine.draft)
+    auto: bool = False  # lookup only for prompts of at least AUTO_MIN_PROMPT new tokens
     stats: SpecStats = field(init=False)  # the latest request's
     reason: str | None = None  # why the latest request ran without speculation
 
@@ -272,6 +280,12 @@ class Speculation:
     ) -> Iterator[tuple[int, bool]]:
         """The token layer of stream_generate, speculating: yields (token id, forced)."""
         self.stats = SpecStats(self.method)
+        if self.auto and len(prompt_ids) < AUTO_MIN_PROMPT:
+            self.reason = f"auto: a prompt under {AUTO_MIN_PROMPT} new tokens has little to quote"
+            return generate_tokens(
+                model, prompt_ids, cache, make_sampler(sampling), processors, override,
+                prefill_step, timing, decoder_for(model),
+            )  # fmt: skip
         if self.method == "draft":
             from qwen3_chat.engine.draft import DraftModel
 
@@ -322,15 +336,12 @@ def _speculate(
     y = verifier.verify(_rows(processors, [], [], logits), [])[0]
     held = cache_offset(cache)  # tokens the cache holds that the output agrees with
     try:
-        feed: list[int] | None = None
+        feed: list[int] | None = None  # tokens to feed next (forced ones, or the pending y)
+        replaced = y  # the token `feed` stands for (a forced run replaces it)
         while True:
             if feed is None:  # the pending token, or what the budget forces in its place
                 forced = override(y) if override is not None else None
-                feed = [y] if forced is None else list(forced)
-                if not timing.first_token:
-                    timing.first_token = time.perf_counter()
-                for t in feed:
-                    yield t, t != y
+                feed, replaced = ([y] if forced is None else list(forced)), y
             drafter.extend(feed)
             room = (limit - held - len(feed) - 1) if limit else length.high
             drafts, q = drafter.draft(min(length.next(), room))
@@ -341,11 +352,19 @@ def _speculate(
                     logits = out[0, len(feed) - 1 :]
                 else:  # nothing to verify: the compiled one-token step
                     logits = decode(model, feed, cache)
-            emitted = verifier.verify(_rows(processors, history, fed, logits), drafts, q)
-            kept = len(emitted) - 1
-            rewind(cache, held + len(feed) + kept)
-            held += len(feed)  # then one more per kept draft, as it is handed on
+                rows = _rows(processors, history, fed, logits)
+            # Queued first, handed on after: the caller's work on these tokens (detokenizing,
+            # drawing) overlaps the forward, as in plain decoding.
+            mx.async_eval(rows)
+            if not timing.first_token:
+                timing.first_token = time.perf_counter()
+            for t in feed:
+                held += 1
+                yield t, t != replaced
             history += feed
+            emitted = verifier.verify(rows, drafts, q)
+            kept = len(emitted) - 1
+            rewind(cache, held + kept)  # then one more per kept draft, as it is handed on
             stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + kept
             stats.steps, stats.tokens = stats.steps + 1, stats.tokens + len(emitted)
             length.update(len(drafts), kept)
@@ -354,9 +373,7 @@ def _speculate(
                 forced = override(d) if override is not None else None
                 if forced is not None:  # the budget replaces d: d and later drafts go
                     rewind(cache, held)
-                    feed = list(forced)
-                    for t in feed:
-                        yield t, t != d
+                    feed, replaced = list(forced), d
                     break
                 held += 1
                 yield d, False
