@@ -176,6 +176,10 @@ def test_repl_across_ranks_retry_undo_exit(tmp_path, model_dir, one_process):
     assert first in term.seen
     term.send("/undo")
     term.prompt()
+    term.send("/model demo")  # would load on this machine only: refused, the ranks stay
+    term.expect("not available with --hosts")
+    term.prompt()
+    assert len(followers(term.child.pid)) == 1
     term.send("/exit")
     assert term.close() == 0
     assert workers_of(model_dir) == []

@@ -258,7 +258,8 @@ def chat(
     if interactive:
         from qwen3_chat.cli.repl import Repl
 
-        Repl(session, loaded, open_model=open_with_status, show_thinking=show_thinking,
+        switch = open_with_status if hosts is None else cli_hosts.refuse_model_switch
+        Repl(session, loaded, open_model=switch, show_thinking=show_thinking,
              attachments=attached, resume=resume).run()  # fmt: skip
         return
     text = with_attachments(text, attached)

@@ -41,6 +41,12 @@ def _options(hosts: str | None, parallel: str | None, backend: str | None) -> tu
     return parallel or "auto", backend or ""
 
 
+def refuse_model_switch(name: str, **_: Any) -> Any:
+    """The REPL's /model across hosts: a new model would load on this machine only."""
+    raise Qwen3ChatError(f"/model is not available with --hosts: quit and run "
+                         f"qwen3 chat -m {name} --hosts FILE to use {name} across the hosts")
+
+
 def open_chat_model(name: str, *, bits: int | None, hosts: str | None = None,
                     parallel: str | None = None, backend: str | None = None) -> Any:  # fmt: skip
     """The LoadedModel `qwen3 chat` talks to: local, or spread over the hostfile's hosts."""
