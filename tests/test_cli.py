@@ -88,6 +88,31 @@ def test_chat_help_lists_every_option():
         assert opt in result.stdout, opt
 
 
+def _bits_options(command, path=()):
+    """(command path, help) of every --bits option in the click tree under `command`."""
+    for param in command.params:
+        if "--bits" in getattr(param, "opts", ()):
+            yield " ".join(path), param.help
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _bits_options(sub, (*path, name))
+
+
+def test_every_bits_help_names_the_bits_models_config_allows():
+    # Each --bits help says what models.config allows, in the same words (before: chat, show,
+    # serve, hosts and the model commands each spelled "4, 8, 16" their own way).
+    import typer
+
+    from qwen3_chat.cli.usage import BITS_HELP
+    from qwen3_chat.models.config import BITS, QUANT_BITS
+
+    options = dict(_bits_options(typer.main.get_command(app)))
+    assert {"chat", "show", "serve", "download", "rm", "hosts check"} <= set(options)
+    for where, text in options.items():
+        allowed = QUANT_BITS if where == "convert" else BITS  # convert only quantizes
+        assert set(re.findall(r"\d+", text)) == set(map(str, allowed)), where
+        assert where == "convert" or BITS_HELP in text, where
+
+
 def test_one_shot_prints_only_the_answer_plain(demo_reference):
     reasoning, answer = demo_reference
     result = run("chat", "-m", "demo", "--temp", "0", QUESTION)

@@ -67,6 +67,9 @@ def test_parse_setting_accepts_good_values_and_names_bad_ones():
         ("temperature", "hot", "temperature must be a number"),
         ("top_p", "1.5", "top_p must be in"),
         ("top_k", "2.5", "top_k must be a whole number"),
+        ("presence_penalty", "5", "presence_penalty must be in"),  # before: accepted
+        ("seed", "-1", "seed must be"),
+        ("seed", str(2**64), "seed must be"),  # before: accepted, then a traceback mid-answer
         ("colour", "red", "unknown setting"),
         ("temperature", "", "usage: /set temperature VALUE"),
     ]:

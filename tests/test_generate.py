@@ -9,6 +9,7 @@ import pytest
 
 from qwen3_chat import SamplingParams
 from qwen3_chat.engine.budget import CLOSING_TEXT
+from qwen3_chat.engine.defaults import PRESENCE_PENALTY_MAX
 from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText, ThinkingDone
 from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP, prefill, stream_generate
 from qwen3_chat.errors import Qwen3ChatError, SettingsError
@@ -219,7 +220,10 @@ def test_penalties_see_the_token_just_sampled(tiny):
     ids = tok.encode(PROMPT)
     plain = run(model, tok, ids, max_tokens=30)[-1].token_ids
     assert len(set(plain)) < len(plain)  # this random model repeats itself...
-    params = SamplingParams(temperature=0, presence_penalty=1e6)
+    params = SamplingParams(temperature=0, presence_penalty=PRESENCE_PENALTY_MAX)
+    # Past the user-facing bound (set around the check): a penalty so large that the engine
+    # must forbid every repeat, which only holds if it counts each token as it is sampled.
+    object.__setattr__(params, "presence_penalty", 1e6)
     pen = run(model, tok, ids, sampling=params, max_tokens=30)[-1].token_ids
     assert len(set(pen)) == len(pen)  # ...and a huge presence penalty forbids any repeat
 

@@ -190,8 +190,22 @@ def test_qwen_recommended_defaults():
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": -0.5}, "presence_penalty"),
+        ({"presence_penalty": 5.0}, "presence_penalty"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),  # before: accepted, then mx.random.key failed mid-answer
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_settings_are_named(bad, word):
     with pytest.raises(Qwen3ChatError, match=word):
         SamplingParams(**bad)
+
+
+def test_the_bounds_themselves_are_accepted_and_the_extreme_seed_samples():
+    from qwen3_chat.engine.defaults import PRESENCE_PENALTY_MAX, SEED_MAX
+
+    assert SamplingParams(presence_penalty=PRESENCE_PENALTY_MAX).presence_penalty == 2.0
+    logits = mx.array(np.random.default_rng(2).standard_normal((1, 100)).astype(np.float32))
+    for seed in (0, SEED_MAX):  # both ends reach mx.random.key and sample
+        assert 0 <= make_sampler(SamplingParams(temperature=1.0, seed=seed))(logits).item() < 100

@@ -20,20 +20,19 @@ from qwen3_chat.cli import hosts as cli_hosts
 from qwen3_chat.cli import models as cli_models
 from qwen3_chat.cli import serve as cli_serve
 from qwen3_chat.cli import show as cli_show
-from qwen3_chat.cli.usage import check_bits_option, usage_exit
+from qwen3_chat.cli.usage import BITS_HELP, check_bits_option, usage_exit
 from qwen3_chat.engine.defaults import (  # MLX-free: `qwen3 --help` stays fast
     ALWAYS,
     DEFAULT_BUDGET,
     DEFAULT_MAX_TOKENS,
     NEVER,
     NON_THINKING,
+    PRESENCE_PENALTY_MAX,
     QWEN_SAMPLING,
+    SEED_MAX,
     THINKING,
 )
 from qwen3_chat.errors import Qwen3ChatError
-
-# MLX's PRNG key is built from an unsigned 64-bit seed.
-SEED_MAX = 2**64 - 1
 
 
 class _Group(TyperGroup):
@@ -183,7 +182,8 @@ def chat(
     top_p: float | None = typer.Option(None, "--top-p", min=0.0, max=1.0),
     top_k: int | None = typer.Option(None, "--top-k", min=0),
     min_p: float | None = typer.Option(None, "--min-p", min=0.0, max=1.0),
-    presence_penalty: float | None = typer.Option(None, "--presence-penalty", min=0.0, max=2.0),
+    presence_penalty: float | None = typer.Option(None, "--presence-penalty", min=0.0,
+                                                    max=PRESENCE_PENALTY_MAX),
     seed: int | None = typer.Option(None, "--seed", min=0, max=SEED_MAX,
                                     help="Seed for reproducible sampling (0 to 2**64-1)."),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
@@ -193,8 +193,7 @@ def chat(
     as_jsonl: bool = typer.Option(False, "--jsonl",
         help="One-shot: stream JSON Lines events (reasoning, answer, thinking_done, "
              "context_trimmed, finished)."),
-    bits: int | None = typer.Option(None, "--bits",
-        help="4 or 8 (quantized) or 16 (the original weights)."),
+    bits: int | None = typer.Option(None, "--bits", help=f"{BITS_HELP}."),
     files: list[str] | None = typer.Option(None, "--file", "-f", metavar="FILE",
         help="Attach a UTF-8 text file to the first message (repeatable)."),
     resume: str | None = typer.Option(None, "--resume", metavar="[ID]",

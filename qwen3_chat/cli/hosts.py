@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from qwen3_chat import __version__
-from qwen3_chat.cli.usage import check_bits_option, usage_exit
+from qwen3_chat.cli.usage import BITS_HELP, check_bits_option, usage_exit
 from qwen3_chat.distributed.hosts import BACKENDS, Host, Hostfile, model_digest, read_hostfile
 from qwen3_chat.errors import Qwen3ChatError
 
@@ -191,7 +191,7 @@ def check(
     hostfile: str = typer.Argument(..., help="mlx.launch hostfile (JSON)."),
     model_name: str | None = typer.Option(None, "--model", "-m", metavar="NAME|PATH",
                                           help="Model every host must have [env: QWEN3_MODEL]."),
-    bits: int | None = typer.Option(None, "--bits", help="4, 8 or 16."),
+    bits: int | None = typer.Option(None, "--bits", help=f"{BITS_HELP}."),
 ) -> None:
     """Check every host: reachable, the same qwen3-chat version, the same model folder."""
     check_bits_option(bits)

@@ -8,10 +8,9 @@ from typing import Any
 
 import typer
 
+from qwen3_chat.cli.usage import BITS_HELP
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.models.config import BITS, DEFAULT_BITS, ORIGINAL_BITS, QUANT_BITS, check_bits
-
-BITS_HELP = f"One of {', '.join(map(str, BITS))}; {ORIGINAL_BITS} is the original weights."
+from qwen3_chat.models.config import DEFAULT_BITS, QUANT_BITS, check_bits
 
 
 def _size(n: float) -> str:
@@ -24,7 +23,7 @@ def _size(n: float) -> str:
 
 def download(
     model: str = typer.Argument(..., help="An alias from `qwen3 models` or a repo id."),
-    bits: int = typer.Option(DEFAULT_BITS, "--bits", help=BITS_HELP),
+    bits: int = typer.Option(DEFAULT_BITS, "--bits", help=f"{BITS_HELP}."),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
 ) -> None:
     """Download a model into the Hugging Face cache and verify it."""
@@ -73,7 +72,7 @@ def models() -> None:
 
 def rm(
     model: str = typer.Argument(..., help="An alias or repo id to delete from the cache."),
-    bits: int | None = typer.Option(None, "--bits", help=f"Only this variant ({BITS_HELP})"),
+    bits: int | None = typer.Option(None, "--bits", help=f"Only this variant: {BITS_HELP}."),
 ) -> None:
     """Delete a downloaded model from the cache."""
     from qwen3_chat.hub import download as hub

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from qwen3_chat.cli.usage import check_bits_option, usage_exit
+from qwen3_chat.cli.usage import BITS_HELP, check_bits_option, usage_exit
 
 
 def serve(
@@ -18,7 +18,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: pick a free one)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="QWEN3_API_KEY",
         help="Require 'Authorization: Bearer KEY' on /v1 requests."),
-    bits: int | None = typer.Option(None, "--bits", help="4 or 8 (quantized), 16 (original)."),
+    bits: int | None = typer.Option(None, "--bits", help=f"{BITS_HELP}."),
     budget: int | None = typer.Option(None, "--budget", min=0,
         help="Default thinking budget per request [default: the REPL's, 4096]."),
     no_budget: bool = typer.Option(False, "--no-budget", help="Unbounded thinking by default."),

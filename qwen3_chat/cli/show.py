@@ -7,7 +7,7 @@ import json
 import typer
 
 from qwen3_chat.cli.models import _size as size
-from qwen3_chat.cli.usage import check_bits_option
+from qwen3_chat.cli.usage import BITS_HELP, check_bits_option
 from qwen3_chat.errors import Qwen3ChatError
 
 
@@ -47,7 +47,7 @@ def _lines(info) -> list[tuple[str, str]]:
 
 def show(
     model: str = typer.Argument(..., help="An alias, a downloaded repo id, or a folder."),
-    bits: int | None = typer.Option(None, "--bits", help="Which downloaded variant: 4, 8, 16."),
+    bits: int | None = typer.Option(None, "--bits", help=f"Which downloaded variant: {BITS_HELP}."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object."),
 ) -> None:
     """Describe a model without loading it: architecture, thinking, context, size, memory."""

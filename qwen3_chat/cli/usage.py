@@ -5,6 +5,11 @@ from __future__ import annotations
 import typer
 
 from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.models.config import ORIGINAL_BITS, QUANT_BITS
+
+# The help of every --bits option, from models.config's constants (one list of allowed bits).
+BITS_HELP = (f"{' or '.join(map(str, QUANT_BITS))} (quantized) or {ORIGINAL_BITS} "
+             "(the original weights)")  # fmt: skip
 
 
 def usage_exit(message: str) -> typer.Exit:
@@ -14,7 +19,7 @@ def usage_exit(message: str) -> typer.Exit:
 
 
 def check_bits_option(bits: int | None) -> None:
-    """--bits: 4, 8 or 16 (the original weights), by models.config's one rule."""
+    """--bits, by models.config's one rule (BITS_HELP says which)."""
     if bits is None:
         return
     from qwen3_chat.models.config import check_bits

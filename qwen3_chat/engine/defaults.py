@@ -26,6 +26,10 @@ DEFAULT_MAX_TOKENS = 8192
 # questions, short enough that a runaway chain of thought ends within a minute or two.
 DEFAULT_BUDGET = 4096
 
+# Bounds of two sampling settings, checked by SamplingParams and shown by the CLI's options.
+SEED_MAX = 2**64 - 1  # MLX builds its PRNG key from an unsigned 64-bit seed
+PRESENCE_PENALTY_MAX = 2.0  # Qwen's cards: 0 to 2 (1.5 against endless repetition)
+
 
 def mode_name(thinking: bool) -> str:
     return THINKING if thinking else NON_THINKING

@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass, replace
 
 import mlx.core as mx
 
-from qwen3_chat.engine.defaults import QWEN_SAMPLING, THINKING, mode_name
+from qwen3_chat.engine.defaults import (
+    PRESENCE_PENALTY_MAX,
+    QWEN_SAMPLING,
+    SEED_MAX,
+    THINKING,
+    mode_name,
+)
 from qwen3_chat.errors import SettingsError
 
 Sampler = Callable[[mx.array], mx.array]
@@ -37,8 +43,13 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (0 <= self.presence_penalty <= PRESENCE_PENALTY_MAX,
+             f"presence_penalty must be in [0, {PRESENCE_PENALTY_MAX:g}]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-        ]
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and 0 <= self.seed <= SEED_MAX),
+             "seed must be a whole number from 0 to 2**64-1"),
+        ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise SettingsError(f"bad sampling setting: {message}")
