@@ -359,3 +359,39 @@ def test_malformed_user_registry_does_not_block_demo():
     r = qwen3("chat", "-m", "demo", "--max-tokens", "1", "--no-think", "hi")
     assert r.returncode == 0, r.stderr
     one_line_error(qwen3("chat", "-m", "qwen3-8b", "hi"), "models.broken", "owner/name")
+
+
+_STAGES = ("import json, sys\nfrom qwen3_chat.hub.download import ensure_model\n"
+           "ensure_model(sys.argv[1], progress=False,\n"
+           "             status=lambda stage, msg: print(json.dumps([stage, msg]), flush=True))")
+
+
+def stages(hub: Hub) -> list[list[str]]:
+    """The (stage, message) pairs ensure_model reports, in a fresh process as the CLI runs it."""
+    r = subprocess.run([sys.executable, "-c", _STAGES, REPO], capture_output=True, text=True,
+                       env=_env(hub.url, {}), timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_ensure_model_reports_hashing_as_a_verify_stage(hub):
+    # Before: ensure_model took only progress=True/False, so hashing showed nothing at all.
+    fresh = stages(hub)
+    assert [s for s, _ in fresh] == ["download", "verify"] and REPO in fresh[1][1]
+    assert stages(hub) == []  # verified and unchanged: nothing slow happens, nothing is said
+    for marker in _marker_files():  # as if another tool had filled the cache: all re-hashed
+        marker.unlink()
+    again = stages(hub)
+    assert [s for s, _ in again] == ["verify", "verify"], again  # no bytes fetched again
+    assert f"checking {len(hub.repos[REPO].files)} files" in again[0][1]
+
+
+def test_download_on_a_terminal_shows_the_verify_spinner(hub):
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "download", REPO],
+                          env=_env(hub.url, {}), encoding="utf-8", timeout=60)  # fmt: skip
+    child.expect(f"verifying {REPO}")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

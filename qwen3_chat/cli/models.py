@@ -32,7 +32,13 @@ def download(
     check_bits(bits, what="--bits")
     if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
         raise Qwen3ChatError(f"{model} is a path: download takes an alias or a repo id")
-    path = hub.ensure_model(model, bits=bits, revision=revision, progress=sys.stderr.isatty())
+    from rich.console import Console
+
+    from qwen3_chat.cli.progress import terminal_status
+
+    with terminal_status(Console(stderr=True, highlight=False)) as status:  # hashing shows too
+        path = hub.ensure_model(model, bits=bits, revision=revision,
+                                progress=sys.stderr.isatty(), status=status)  # fmt: skip
     typer.echo(f"{model}: ready at {path}", err=True)
     if not sys.stdout.isatty():
         typer.echo(str(path))

@@ -19,11 +19,13 @@ from pathlib import Path
 from qwen3_chat.errors import DownloadError, Qwen3ChatError
 from qwen3_chat.hub.fetch import (
     ALLOW_PATTERNS,
+    Progress,
     cached_repo,
     fetch_snapshot,
     hash_file,
     list_files,
     storage,
+    tell,
 )
 from qwen3_chat.hub.registry import DEMO_ALIAS, ModelEntry, load_registry
 from qwen3_chat.hub.state import (
@@ -131,7 +133,7 @@ def _rehash(snapshot: Path, expected: dict[str, str], label: str, why: str) -> N
             raise DownloadError(f"{rel} of {label} {why}; {repair_hint(label)}")
 
 
-def _recheck(repo_id: str, snapshot: Path, label: str) -> bool:
+def _recheck(repo_id: str, snapshot: Path, label: str, status: Progress | None = None) -> bool:
     """Whether `snapshot` was verified; files changed since are re-hashed first (no network).
 
     The expected hash is the one the marker recorded (also the blob's name in the cache)."""
@@ -139,6 +141,7 @@ def _recheck(repo_id: str, snapshot: Path, label: str) -> bool:
     if stale is None:
         return False
     if stale:
+        tell(status, "verify", f"re-hashing {len(stale)} changed files of {label}")
         _rehash(snapshot, stale, label, "changed on disk since it was verified")
         write_marker(repo_id, snapshot, _marked_hashes(snapshot))
     return True
@@ -150,13 +153,15 @@ def _marked_hashes(snapshot: Path) -> dict[str, str]:
 
 
 def download(
-    repo_id: str, *, revision: str | None = None, progress: bool = True, label: str | None = None
-) -> Path:
+    repo_id: str, *, revision: str | None = None, progress: bool = True, label: str | None = None,
+    status: Progress | None = None,
+) -> Path:  # fmt: skip
     """Fetch (or resume) a repo into the HF cache, verify it, and return its snapshot.
 
     Every file is hashed against the id the Hub lists it by (sha256 for LFS files, the git
     blob sha1 for small ones). Progress bars appear only when stderr is a terminal.
-    `label` is what the user typed (an alias), used in messages."""
+    `label` is what the user typed (an alias), used in messages; `status` hears the stages
+    (`fetch.Progress`: "download", and "verify" while files are hashed)."""
     from huggingface_hub import constants
 
     validate_repo_id(repo_id)
@@ -166,7 +171,8 @@ def download(
             path = _local_snapshot(repo_id, revision)
         except Exception as e:  # noqa: BLE001 - "not cached" comes in several shapes
             raise _hub_error(repo_id, e, label) from None
-        if not _recheck(repo_id, path, label):  # cached by another tool: never checked by us
+        if not _recheck(repo_id, path, label, status):  # cached by another tool: never checked
+            tell(status, "verify", f"verifying {label}")
             hashes = _blob_hashes(path)
             _rehash(path, hashes, label, "does not match its hash")
             verify_model_dir(path)
@@ -178,11 +184,12 @@ def download(
         stale = stale_files(snapshot)
         trusted = set() if stale is None else {f.path for f in files} - set(stale)
         path = fetch_snapshot(repo_id, commit, files, revision=revision, verified=trusted,
-                              progress=progress)  # fmt: skip
+                              progress=progress, status=status)  # fmt: skip
     except DownloadError:
         raise
     except Exception as e:  # noqa: BLE001 - HTTP client errors differ across hub versions
         raise _hub_error(repo_id, e, label) from None
+    tell(status, "verify", f"verifying {label}")  # the config, shard index and header shapes
     verify_model_dir(path)
     write_marker(repo_id, path, {f.path: f.hash for f in files})
     return path
@@ -209,16 +216,18 @@ def _variants(entry: ModelEntry, bits: int | None) -> list[int]:
     return [DEFAULT_BITS, *(b for b in BITS if b != DEFAULT_BITS)]
 
 
-def _cached_snapshot(repo_id: str, label: str) -> Path | None:
+def _cached_snapshot(repo_id: str, label: str, status: Progress | None = None) -> Path | None:
     """The verified cached snapshot of `repo_id`, or None (changed files are re-hashed)."""
     try:
         path = _local_snapshot(repo_id, None)
     except Exception:  # noqa: BLE001 - "not cached" comes in several shapes
         return None
-    return path if _recheck(repo_id, path, label) else None
+    return path if _recheck(repo_id, path, label, status) else None
 
 
-def find_local(name: str, *, bits: int | None = None) -> LocalModel | None:
+def find_local(
+    name: str, *, bits: int | None = None, status: Progress | None = None
+) -> LocalModel | None:
     """The verified copy of `name` already on disk, or None; no network.
 
     With no `bits`, an alias uses whichever variant is on disk (the default bits first,
@@ -229,13 +238,13 @@ def find_local(name: str, *, bits: int | None = None) -> LocalModel | None:
     if local is not None:
         return LocalModel(local, bits or ORIGINAL_BITS)
     if entry is None:
-        path = _cached_snapshot(repo_id, name)
+        path = _cached_snapshot(repo_id, name, status)
         return LocalModel(path, bits or DEFAULT_BITS) if path else None
     for b in _variants(entry, bits):
         label = name if bits is None else f"{name} --bits {b}"
         repo = entry.repo_for(b)
         if repo is not None:
-            path = _cached_snapshot(repo, label)
+            path = _cached_snapshot(repo, label, status)
         else:
             conv = converted_dir(entry.repo, b)
             path = conv if (conv / "config.json").is_file() else None
@@ -262,28 +271,33 @@ def resolve_local(name: str, *, bits: int | None = None) -> Path | None:
 
 
 def ensure_model(
-    name: str, *, bits: int | None = None, revision: str | None = None, progress: bool = True
-) -> Path:
-    """A verified local folder for `name`, downloading (and converting) it if needed."""
+    name: str, *, bits: int | None = None, revision: str | None = None, progress: bool = True,
+    status: Progress | None = None,
+) -> Path:  # fmt: skip
+    """A verified local folder for `name`, downloading (and converting) it if needed.
+
+    `progress` draws the download bars (on a terminal); `status(stage, message)` hears the
+    stages, "verify" included, so a caller can show a spinner while files are hashed."""
     if bits is not None:
         check_bits(bits)
     repo_id, local, entry = resolve(name, bits)
     if local is not None:
         return local
     try:
-        found = find_local(name, bits=bits) if revision is None else None
+        found = find_local(name, bits=bits, status=status) if revision is None else None
     except DownloadError:  # a cached file changed: the download below re-hashes and repairs it
         found = None
     if found is not None:
         return found.path
     label = name if bits in (None, DEFAULT_BITS) else f"{name} --bits {bits}"
     if repo_id is not None:
-        return download(repo_id, revision=revision, progress=progress, label=label)
+        return download(repo_id, revision=revision, progress=progress, label=label,
+                        status=status)  # fmt: skip
     # No published MLX repo at these bits: fetch the original and quantize it here.
     from qwen3_chat.weights.convert import convert
 
     bits = bits or DEFAULT_BITS
-    src = download(entry.repo, revision=revision, progress=progress, label=label)
+    src = download(entry.repo, revision=revision, progress=progress, label=label, status=status)
     return convert(src, converted_dir(entry.repo, bits), bits)
 
 

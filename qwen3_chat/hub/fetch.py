@@ -17,6 +17,7 @@ import queue
 import re
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,17 @@ def list_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile
         else:
             files.append(RemoteFile(f.path, f.size, f.blob_id, False))
     return commit, files
+
+
+# progress(stage, message) hears about slow steps, so a caller can show them (the library never
+# prints): "verify" while files are hashed or checked, "download" as bytes start to arrive
+# (huggingface's bars follow on a terminal), "load" (hub.open) while weights are read.
+Progress = Callable[[str, str], None]
+
+
+def tell(status: Progress | None, stage: str, message: str) -> None:
+    if status is not None:
+        status(stage, message)
 
 
 class _Stopped(Exception):
@@ -207,7 +219,7 @@ class _Fetcher:
 
 def fetch_snapshot(
     repo_id: str, commit: str, files: list[RemoteFile], *, revision: str | None,
-    verified: set[str], progress: bool,
+    verified: set[str], progress: bool, status: Progress | None = None,
 ) -> Path:  # fmt: skip
     """Hash what no marker vouches for, download what is missing or changed, link the snapshot.
 
@@ -216,6 +228,9 @@ def fetch_snapshot(
     files stay for the next run."""
     root = storage(repo_id)
     todo = []
+    unvouched = [f for f in files if f.path not in verified and (root / "blobs" / f.hash).exists()]
+    if unvouched:  # can be many GB (a cache another tool filled): say so before it starts
+        tell(status, "verify", f"checking {len(unvouched)} files of {repo_id} already on disk")
     for f in files:
         blob = root / "blobs" / f.hash
         # A blob from before that no marker vouches for is hashed; a changed one is fetched again.
@@ -224,6 +239,8 @@ def fetch_snapshot(
         if not blob.exists():
             todo.append(f)
     total = sum(f.size for f in todo)
+    if todo:
+        tell(status, "download", f"downloading {repo_id}")
     fetcher = _Fetcher(repo_id, commit, progress, total)
     jobs: queue.Queue[RemoteFile] = queue.Queue()
     for f in sorted(todo, key=lambda f: -f.size):

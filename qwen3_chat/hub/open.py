@@ -8,7 +8,6 @@ weights are actually loaded, so importing this module stays cheap.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,9 @@ from typing import Any
 from qwen3_chat.engine.defaults import ALWAYS, HYBRID, NEVER
 from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
 from qwen3_chat.files import read_json
+from qwen3_chat.hub.fetch import Progress  # (stage, message): "verify", "download", "load"
 from qwen3_chat.hub.registry import ModelEntry, load_registry
 from qwen3_chat.models.config import ORIGINAL_BITS, check_bits
-
-# progress(stage, message): stage is "download" (Hugging Face shows its own bars) or "load".
-Progress = Callable[[str, str], None]
 
 
 @dataclass
@@ -87,12 +84,12 @@ def locate(
     the note to show when no --bits was given and a non-default copy on disk is used."""
     from qwen3_chat.hub import download as hub
 
-    found = hub.find_local(name, bits=bits)
+    found = hub.find_local(name, bits=bits, status=progress)
     if found is not None:
         return Path(found.path), hub.variant_note(name, found, bits)
-    if progress is not None:
-        progress("download", f"downloading {name}")
-    return Path(hub.ensure_model(name, bits=bits, progress=progress is not None)), None
+    # The download says "download" when bytes start to arrive and "verify" while it hashes.
+    return Path(hub.ensure_model(name, bits=bits, progress=progress is not None,
+                                 status=progress)), None  # fmt: skip
 
 
 def _load_bits(path: Path, name: str, bits: int | None) -> tuple[int | None, int]:
