@@ -301,17 +301,21 @@ def test_load_failure_from_the_cache_suggests_rm_and_download(hub, chatty, tmp_p
 
 
 def test_progress_bars_only_on_a_terminal(hub, chatty):
-    import pexpect
-
     hub.repos[REPO] = repo_from_folder(chatty)
     r = chat(REPO, hub.url)  # stderr is a pipe here
     assert r.returncode == 0, r.stderr
     assert "%|" not in r.stderr and "\r" not in r.stderr, r.stderr
     assert qwen3("rm", REPO).returncode == 0
-    # On a real terminal the same download shows its bar.
+    download_on_a_terminal(hub, r"%\|")  # on a real terminal the same download shows its bar
+
+
+def download_on_a_terminal(hub: Hub, shows: str) -> None:
+    """`qwen3 download REPO` in a real pty: `shows` appears and it succeeds."""
+    import pexpect
+
     child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "download", REPO],
                           env=_env(hub.url, {}), encoding="utf-8", timeout=60)  # fmt: skip
-    child.expect(r"%\|")
+    child.expect(shows)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
@@ -387,11 +391,4 @@ def test_ensure_model_reports_hashing_as_a_verify_stage(hub):
 
 
 def test_download_on_a_terminal_shows_the_verify_spinner(hub):
-    import pexpect
-
-    child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "download", REPO],
-                          env=_env(hub.url, {}), encoding="utf-8", timeout=60)  # fmt: skip
-    child.expect(f"verifying {REPO}")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    download_on_a_terminal(hub, f"verifying {REPO}")
