@@ -215,6 +215,13 @@ def test_bad_seed_is_a_usage_error(seed):
     assert "--seed" in _usage_error("chat", "-m", "demo", "--seed", seed, "hi")
 
 
+@pytest.mark.parametrize("option, value", [("--top-p", "0"), ("--min-p", "1")])
+def test_a_sampling_value_the_library_refuses_is_a_usage_error(option, value):
+    # Before: the model loaded first, then ChatSession refused it with exit status 1.
+    line = _usage_error("chat", "-m", "demo", option, value, "hi")
+    assert option[2:].replace("-", "_") in line
+
+
 def test_seed_limits_are_accepted():
     assert chat_json("--seed", "0", "--no-think", "--max-tokens", "2", "--temp", "1", QUESTION)
     assert chat_json("--seed", str(2**64 - 1), "--no-think", "--max-tokens", "2", "--temp", "1",

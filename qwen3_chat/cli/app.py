@@ -160,8 +160,17 @@ def _read_prompt(prompt: str | None) -> str:
 
 
 def _overrides(**given: Any) -> dict[str, Any]:
-    """The sampling options the user set; each mode's defaults fill in the rest."""
-    return {k: v for k, v in given.items() if v is not None}
+    """The sampling options the user set; each mode's defaults fill in the rest. Checked
+    before any model loads: a value SamplingParams refuses is a usage error like a bad flag."""
+    from qwen3_chat.cli.settings import check_knob
+
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        for name, value in overrides.items():
+            check_knob(name, value)
+    except Qwen3ChatError as e:
+        raise usage_exit(str(e)) from None
+    return overrides
 
 
 @app.command(cls=cli_conversations.ChatCommand)
@@ -208,6 +217,8 @@ def chat(
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
     check_bits_option(bits)
+    overrides = _overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                           presence_penalty=presence_penalty, seed=seed)  # fmt: skip
     from qwen3_chat.engine.speculative import SpeculationError, make_speculation
 
     try:
@@ -239,8 +250,7 @@ def chat(
         thinking=thinking or loaded.capability == ALWAYS,
         budget=None if no_budget else (DEFAULT_BUDGET if budget is None else budget),
         max_tokens=max_tokens, capability=loaded.capability,
-        sampling_overrides=_overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                      presence_penalty=presence_penalty, seed=seed),
+        sampling_overrides=overrides,
         mode_sampling=loaded.mode_sampling,
         context_length=loaded.context_length,
     )  # fmt: skip
