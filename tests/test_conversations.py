@@ -45,6 +45,9 @@ def test_store_saves_privately_lists_newest_first_and_rejects_paths(tmp_path):
     for bad in ("../../etc/passwd", "x", first + "/../y"):
         with pytest.raises(Qwen3ChatError, match="not a conversation id"):
             store.load(bad)
+    # Before: "not valid saved conversation (...)", a sentence missing its article.
+    with pytest.raises(Qwen3ChatError, match=r"20260103-120000-cccc.json: not valid JSON \("):
+        store.load("20260103-120000-cccc")
 
 
 def test_resume_takes_an_optional_id():

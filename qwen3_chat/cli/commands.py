@@ -243,7 +243,7 @@ def _save(repl: Repl, arg: str) -> None:
 def _load(repl: Repl, arg: str) -> None:
     if not arg:
         raise Qwen3ChatError("usage: /load FILE")
-    data = read_json(Path(arg), what="saved conversation")
+    data = read_json(Path(arg))  # "not valid JSON (...)"; restore() says what else is wrong
     try:
         repl.restore(data, check=True)
     except Qwen3ChatError as e:

@@ -84,7 +84,7 @@ class ConversationStore:
         if not path.exists():
             raise Qwen3ChatError(f"no saved conversation {conv_id} "
                                  "(`qwen3 conversations` lists them)")  # fmt: skip
-        return read_json(path, what="saved conversation")
+        return read_json(path)  # "not valid JSON (...)"; the REPL's restore checks the rest
 
     def latest(self) -> str:
         found = self.list()
