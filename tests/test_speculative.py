@@ -13,9 +13,21 @@ from checkpoints import build, tiny_config
 
 from qwen3_chat import SamplingParams
 from qwen3_chat.engine.events import Finished
-from qwen3_chat.engine.generate import TokenStream, cache_offset, generate_tokens, stream_generate
+from qwen3_chat.engine.generate import (
+    TokenStream,
+    cache_offset,
+    generate_tokens,
+    prefill,
+    stream_generate,
+)
 from qwen3_chat.engine.sampling import make_sampler
-from qwen3_chat.engine.speculative import DraftLength, PromptLookup, Speculation, Verifier
+from qwen3_chat.engine.speculative import (
+    DraftLength,
+    PromptLookup,
+    SpecStats,
+    Speculation,
+    Verifier,
+)
 from qwen3_chat.models.cache import KVCache, LinearCache
 
 GREEDY = SamplingParams(temperature=0)
@@ -389,3 +401,18 @@ def test_auto_drafts_only_for_long_prompts(tiny) -> None:
                                 speculation=auto))  # fmt: skip
     assert got.stats.speculation["method"] == "lookup"
     assert make_speculation("off") is None
+
+
+def test_lookup_quotes_earlier_turns_held_in_the_cache() -> None:
+    # Turn 2 asks for a copy of what turn 1 said: only the cached context holds it.
+    body = np.random.default_rng(9).integers(0, 512, 50).tolist()
+    first, second = body, body[:10]
+
+    def run(context: list[int]) -> SpecStats:
+        model, cache = Copier(period=50), [KVCache()]
+        prefill(model, first, cache)  # turn 1, already in the cache
+        spec = Speculation(context=context)
+        tokens_of(spec.tokens(model, second, cache, GREEDY, [], None, 512, TokenStream()), 60)
+        return spec.stats
+
+    assert run(first).tokens_per_step >= 1.5 > run([]).tokens_per_step

@@ -315,6 +315,8 @@ class ChatSession:
         ids, dropped = self._fit_context(thinking)
         turn.reused = self._cache.prepare(ids)
         turn.ids = ids
+        if self.speculation is not None:  # lookup may quote the cached turns too
+            self.speculation.context = ids[: turn.reused]
         if dropped:
             yield ContextTrimmed(dropped, len(ids), self.context_length)
         tok = self.tokenizer

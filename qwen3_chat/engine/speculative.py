@@ -233,7 +233,10 @@ class Speculation:
     method: str = "lookup"
     max_ngram: int = 4
     draft_model: Any = None  # for "draft": a model sharing the tokenizer (engine.draft)
-    auto: bool = False  # lookup only for prompts of at least AUTO_MIN_PROMPT new tokens
+    auto: bool = False  # lookup only for prompts of at least AUTO_MIN_PROMPT tokens
+    # The ids already in the cache before `prompt_ids` (ChatSession sets them each turn):
+    # what earlier turns said can be quoted too.
+    context: Sequence[int] = ()
     stats: SpecStats = field(init=False)  # the latest request's
     reason: str | None = None  # why the latest request ran without speculation
 
@@ -280,8 +283,8 @@ class Speculation:
     ) -> Iterator[tuple[int, bool]]:
         """The token layer of stream_generate, speculating: yields (token id, forced)."""
         self.stats = SpecStats(self.method)
-        if self.auto and len(prompt_ids) < AUTO_MIN_PROMPT:
-            self.reason = f"auto: a prompt under {AUTO_MIN_PROMPT} new tokens has little to quote"
+        if self.auto and len(self.context) + len(prompt_ids) < AUTO_MIN_PROMPT:
+            self.reason = f"auto: a prompt under {AUTO_MIN_PROMPT} tokens has little to quote"
             return generate_tokens(
                 model, prompt_ids, cache, make_sampler(sampling), processors, override,
                 prefill_step, timing, decoder_for(model),
@@ -290,9 +293,10 @@ class Speculation:
             from qwen3_chat.engine.draft import DraftModel
 
             drafter: Drafter = DraftModel(self.draft_model, sampling)
+            drafter.extend(prompt_ids)  # its own cache starts empty: only what it prefills
         else:
             drafter = PromptLookup(self.max_ngram)
-        drafter.extend(prompt_ids)
+            drafter.extend([*self.context, *prompt_ids])  # the whole conversation
         return _speculate(
             model, prompt_ids, cache, Verifier(sampling), list(processors), override, drafter,
             self.stats, prefill_step, timing, limit,
