@@ -50,6 +50,19 @@ def test_store_saves_privately_lists_newest_first_and_rejects_paths(tmp_path):
         store.load("20260103-120000-cccc")
 
 
+def test_a_bare_resume_continues_with_the_conversations_own_model(tmp_path):
+    # Before: it opened the default model (qwen3-4b), which offline cannot even be fetched.
+    state = tmp_path / "state"
+    conv = "20260101-120000-aaaa"
+    ConversationStore(state / "qwen3-chat" / "conversations").save(conv, saved(model="demo"))
+    term = Term(["--temp", "0", "--resume"], state, env={"HF_HUB_OFFLINE": "1"})
+    term.expect(f"resumed conversation {conv}: 2 messages \\(")  # no "saved with": the same
+    term.prompt()
+    assert "demo │" in term.seen
+    term.send("/exit")
+    assert term.close() == 0
+
+
 def test_resume_takes_an_optional_id():
     conv = "20260101-120000-aaaa"
     assert resume_args(["--resume"]) == ["--resume", "latest"]

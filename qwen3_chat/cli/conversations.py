@@ -128,6 +128,18 @@ def register(app: typer.Typer) -> None:
     app.command("conversations")(conversations)
 
 
+def saved_model(resume: str, store: ConversationStore | None = None) -> str | None:
+    """The model the conversation `--resume` names was held with, or None when unknown: a
+    bare `qwen3 chat --resume` continues with that model rather than the default one."""
+    store = store or ConversationStore()
+    try:
+        data = store.load(store.latest() if resume == LATEST else resume)
+    except Qwen3ChatError:
+        return None  # the REPL's resume says what is wrong with it
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and model.strip() else None
+
+
 def resume_args(args: list[str]) -> list[str]:
     """A bare `--resume` (no id after it) becomes `--resume latest`.
 
