@@ -240,6 +240,10 @@ def _marker_files() -> list[Path]:
     return list((Path(os.environ["XDG_CACHE_HOME"]) / "qwen3-chat" / "verified").glob("*.json"))
 
 
+def test_rm_of_the_built_in_demo_says_so():
+    one_line_error(qwen3("rm", "demo"), "demo is built in", "nothing to remove")
+
+
 def test_rm_forgets_the_verification(hub):
     assert qwen3("download", REPO, endpoint=hub.url).returncode == 0
     assert _marker_files()

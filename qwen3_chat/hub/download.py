@@ -329,6 +329,8 @@ def remove(name: str, *, bits: int | None = None) -> list[str]:
     repo_id, local, entry = resolve(name, bits)
     if local is not None and entry is None:
         raise Qwen3ChatError(f"{name} is a folder of yours; delete it yourself if you mean to")
+    if local is not None and name == DEMO_ALIAS:  # before: "demo is not downloaded"
+        raise Qwen3ChatError(f"{name} is built in (it comes with qwen3-chat): nothing to remove")
     targets = {repo_id} if repo_id else set()
     if entry is not None and bits is None:  # every variant of an alias
         targets |= {entry.repo, *entry.mlx.values()}
