@@ -164,7 +164,7 @@ def test_plain_output_is_sanitized_and_json_keeps_raw_text():
                Finished(stats(reasoning=1, answer=1), EVIL, EVIL)):  # fmt: skip
         result = turn.on_event(ev)
     assert out.getvalue() == sanitize(EVIL) + "\n"
-    assert err.getvalue().startswith(sanitize(EVIL) + "\n▸ Thought for 1 tokens")
+    assert err.getvalue().startswith(sanitize(EVIL) + "\n▸ Thought for 1 token (")  # not "1 tokens"
     assert result.answer == EVIL  # the caller (--json, saving) gets the raw text
 
 

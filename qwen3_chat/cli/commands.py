@@ -19,7 +19,7 @@ from rich.text import Text
 from qwen3_chat.cli import clipboard, settings
 from qwen3_chat.cli.attachments import read_attachments
 from qwen3_chat.cli.conversations import ConversationStore, write_private_json
-from qwen3_chat.cli.render import reasoning_panel, speculation_line, stats_line
+from qwen3_chat.cli.render import count_tokens, reasoning_panel, speculation_line, stats_line
 from qwen3_chat.cli.terminal import sanitize
 from qwen3_chat.engine.defaults import allows_thinking
 from qwen3_chat.errors import Qwen3ChatError
@@ -195,7 +195,7 @@ def _history(repl: Repl, arg: str) -> None:
         n += 1
         if m.get("reasoning_content"):
             tokens = len(s.tokenizer.encode(m["reasoning_content"]))
-            repl.say(f"▸ reasoning, {tokens} tokens · /show {n} to expand", "dim")
+            repl.say(f"▸ reasoning, {count_tokens(tokens)} · /show {n} to expand", "dim")
         repl.console.print(Text(sanitize(m["content"])))
         if m.get("interrupted"):
             repl.say("[interrupted]", "yellow")

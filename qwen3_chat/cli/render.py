@@ -44,9 +44,14 @@ UNFINISHED_THINKING = {
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 
 
+def count_tokens(n: int) -> str:
+    """"1 token", "2 tokens": the counts the user reads after a short think or a quick Ctrl-C."""
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
 def thought_line(tokens: int, seconds: float, budget_hit: bool, *, expanded: bool) -> str:
     """The one line a finished reasoning block collapses to."""
-    line = f"▸ Thought for {tokens} tokens ({seconds:.1f} s)"
+    line = f"▸ Thought for {count_tokens(tokens)} ({seconds:.1f} s)"
     if budget_hit:
         line += " · stopped by the thinking budget"
     if not expanded:
@@ -216,7 +221,7 @@ class LiveTurn:
         # Tail of the reasoning: the last few wrapped lines only, so the panel never scrolls.
         lines = Text(text, style="dim").wrap(self.console, width)
         tail = Text("\n").join(lines[-THINK_TAIL_LINES:])
-        counter = f"thinking · {self.think_tokens} tokens"
+        counter = f"thinking · {count_tokens(self.think_tokens)}"
         if self.budget is not None:
             counter += f" · budget {self.budget}"
         return Panel(tail, title=counter, title_align="left", border_style="dim", style="dim")
@@ -286,8 +291,8 @@ class LiveTurn:
         if self._phase == "thinking":
             if self.show_thinking:
                 self.console.print()
-            self.console.print(Text(f"▸ Thinking interrupted after {self.think_tokens} tokens",
-                                    style="dim"))
+            self.console.print(Text(f"▸ Thinking interrupted after "
+                                    f"{count_tokens(self.think_tokens)}", style="dim"))
         if self._phase != "done":  # a Ctrl-C just after the last event stops nothing
             self.console.print(Text("[interrupted]", style="bold yellow"))
         self._phase = "done"
