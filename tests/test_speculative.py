@@ -416,3 +416,41 @@ def test_lookup_quotes_earlier_turns_held_in_the_cache() -> None:
         return spec.stats
 
     assert run(first).tokens_per_step >= 1.5 > run([]).tokens_per_step
+
+
+@pytest.mark.parametrize("budget", [0, 3, 8])
+def test_budget_forced_tokens_on_the_pipelined_plain_steps(tiny, budget: int) -> None:
+    # No processors: steps without drafts are queued ahead, and a forced run must undo the
+    # token fed ahead of it, exactly as plain decoding does.
+    model, tok = tiny
+    ids = tok.encode(PROMPT + "<think>\n")
+    kw = dict(sampling=GREEDY, thinking_budget=budget, grace=2, max_tokens=30)
+    plain = final(stream_generate(model, tok, ids, **kw))
+    cache = model.make_cache()
+    got = final(stream_generate(model, tok, ids, cache=cache, speculation=Speculation(), **kw))
+    assert got.token_ids == plain.token_ids and got.stats.budget_hit
+    assert got.stats.reasoning_tokens == plain.stats.reasoning_tokens
+    assert all(c.offset <= len(ids) + len(got.token_ids) for c in cache)
+
+
+def test_forced_runs_mid_plain_steps_undo_the_token_fed_ahead() -> None:
+    model = build(tiny_config())
+    prompt = np.random.default_rng(10).integers(0, 512, 20).tolist()
+
+    def forcing():
+        calls = []
+
+        def override(token: int) -> list[int] | None:
+            calls.append(token)
+            return [5, 6, 7] if len(calls) in (4, 11, 12) else None
+
+        return override
+
+    plain = tokens_of(generate_tokens(model, prompt, model.make_cache(), make_sampler(GREEDY),
+                                      [], forcing()), 40)  # fmt: skip
+    cache = model.make_cache()
+    spec = Speculation()
+    got = tokens_of(spec.tokens(model, prompt, cache, GREEDY, [], forcing(), 512,
+                                TokenStream()), 40)  # fmt: skip
+    assert got == plain and got.count(6) >= 3
+    assert cache_offset(cache) <= len(prompt) + 40

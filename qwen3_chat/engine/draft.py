@@ -53,6 +53,10 @@ class DraftModel:
     def extend(self, tokens) -> None:
         self.ids.extend(tokens)
 
+    def ready(self) -> bool:
+        """A model can always draft."""
+        return True
+
     def _sync(self) -> mx.array:
         """Feed the ids the cache lacks (at least the last one); returns its next logits."""
         keep = 0

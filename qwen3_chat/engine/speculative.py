@@ -60,6 +60,8 @@ class Drafter(Protocol):
 
     def draft(self, k: int) -> tuple[list[int], mx.array | None]: ...
 
+    def ready(self) -> bool: ...
+
 
 class SpeculationError(ValueError):
     """A --speculate / --draft combination that cannot work."""
@@ -137,6 +139,10 @@ class PromptLookup:
         """Drafts and their distributions: lookup's are certain (None)."""
         return self.propose(k), None
 
+    def ready(self) -> bool:
+        """Whether the text so far ends in an n-gram seen before."""
+        return bool(self.propose(1))
+
 
 @dataclass
 class DraftLength:
@@ -152,7 +158,7 @@ class DraftLength:
     backoff: int = 1  # the next pause
 
     def next(self) -> int:
-        """How many tokens to draft now (0 while paused)."""
+        """How many tokens to draft now (0 while paused); a paused step counts down."""
         if self.pause > 0:
             self.pause -= 1
             return 0
@@ -331,6 +337,7 @@ def _speculate(
     limit: int | None,
 ) -> Iterator[tuple[int, bool]]:
     decode = decoder_for(model)
+    sample = make_sampler(verifier.params)  # plain steps: the same distribution, lazily
     length = DraftLength()
     history: list[int] = []  # tokens fed since the prompt (what the penalties see)
     timing.start = time.perf_counter()
@@ -349,6 +356,40 @@ def _speculate(
             drafter.extend(feed)
             room = (limit - held - len(feed) - 1) if limit else length.high
             drafts, q = drafter.draft(min(length.next(), room))
+            if not drafts and not processors:
+                # Nothing to verify: plain steps, each queued before the token it follows
+                # is read (as in generate_tokens), until the drafter has something again.
+                with mx.stream(generation_stream()):
+                    nxt = sample(decode(model, feed, cache))
+                mx.async_eval(nxt)
+                if not timing.first_token:
+                    timing.first_token = time.perf_counter()
+                for t in feed:
+                    held += 1
+                    yield t, t != replaced
+                history += feed
+                feed = None
+                while feed is None:
+                    with mx.stream(generation_stream()):
+                        after = sample(decode(model, nxt, cache))  # feeds nxt, unread yet
+                    mx.async_eval(after)
+                    y = nxt.item()
+                    stats.steps, stats.tokens = stats.steps + 1, stats.tokens + 1
+                    forced = override(y) if override is not None else None
+                    if forced is not None:  # y is replaced: it leaves the cache again
+                        rewind(cache, held)
+                        feed, replaced = list(forced), y
+                        break
+                    held += 1
+                    yield y, False
+                    history.append(y)
+                    drafter.extend([y])
+                    if length.next() and drafter.ready():
+                        y = after.item()  # the pending token; drafts follow it
+                        stats.steps, stats.tokens = stats.steps + 1, stats.tokens + 1
+                        break
+                    nxt = after
+                continue  # to the top: y pending, or a forced run to feed
             fed = [*feed, *drafts]
             with mx.stream(generation_stream()):
                 if drafts:
