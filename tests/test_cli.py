@@ -222,6 +222,12 @@ def test_a_sampling_value_the_library_refuses_is_a_usage_error(option, value):
     assert option[2:].replace("-", "_") in line
 
 
+def test_resume_without_a_terminal_says_why_not_empty_prompt():
+    # Before: `qwen3 chat --resume < /dev/null` (a script, cron) said "empty prompt".
+    assert "--resume continues a conversation in the REPL" in _usage_error(
+        "chat", "-m", "demo", "--resume", "latest")
+
+
 def test_seed_limits_are_accepted():
     assert chat_json("--seed", "0", "--no-think", "--max-tokens", "2", "--temp", "1", QUESTION)
     assert chat_json("--seed", str(2**64 - 1), "--no-think", "--max-tokens", "2", "--temp", "1",

@@ -231,11 +231,11 @@ def chat(
         raise usage_exit("--json and --jsonl cannot be used together")
     output = "json" if as_json else "jsonl" if as_jsonl else "text"
     interactive = prompt is None and sys.stdin.isatty() and output == "text"
+    if resume and not interactive:  # said first: "empty prompt" would mislead here
+        raise usage_exit("--resume continues a conversation in the REPL: drop PROMPT and stdin")
     text = "" if interactive else _read_prompt(prompt)
     if not interactive and not text.strip() and not files:
         raise usage_exit("empty prompt: give PROMPT or pipe text on stdin")
-    if resume and not interactive:
-        raise usage_exit("--resume continues a conversation in the REPL: drop PROMPT and stdin")
 
     from qwen3_chat.chat.session import ChatSession
     from qwen3_chat.cli.progress import open_with_status
