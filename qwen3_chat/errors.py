@@ -24,4 +24,10 @@ class DownloadError(Qwen3ChatError):
 
 
 class SettingsError(Qwen3ChatError):
-    """A generation or conversation setting (budget, max_tokens, text, ...) is invalid."""
+    """A generation or conversation setting (budget, max_tokens, text, ...) is invalid.
+
+    `param` names the setting when one is to blame, so a server can say which field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

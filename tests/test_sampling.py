@@ -190,7 +190,7 @@ def test_qwen_recommended_defaults():
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
-        ({"presence_penalty": -0.5}, "presence_penalty"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
         ({"presence_penalty": 5.0}, "presence_penalty"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**64}, "seed"),  # before: accepted, then mx.random.key failed mid-answer
@@ -198,8 +198,26 @@ def test_qwen_recommended_defaults():
     ],
 )
 def test_bad_settings_are_named(bad, word):
-    with pytest.raises(Qwen3ChatError, match=word):
+    with pytest.raises(Qwen3ChatError, match=word) as e:
         SamplingParams(**bad)
+    assert e.value.param == word  # the server's 400 names it from here
+
+
+def test_a_negative_presence_penalty_favours_seen_tokens():
+    """OpenAI's range (-2..2): a negative penalty adds to the logits of tokens already seen,
+    in the one-off processors and in generation's running counts alike."""
+    from qwen3_chat.engine.defaults import PRESENCE_PENALTY_MIN
+
+    assert PRESENCE_PENALTY_MIN == -2.0
+    logits = np.array([[2.0, -2.0, 1.0, 0.5, 3.0]], np.float32)
+    params = SamplingParams(presence_penalty=-1.5)
+    out = np.array(apply_processors(make_logits_processors(params), [0, 1, 1, 4], mx.array(logits)))
+    np.testing.assert_allclose(out, [[3.5, -0.5, 1.0, 0.5, 4.5]])
+    running = Penalties(params)
+    running(mx.array(logits))
+    running.add(mx.array([0, 1, 1, 4]))
+    np.testing.assert_allclose(np.array(running(mx.array(logits))), out)
+    assert SamplingParams(presence_penalty=PRESENCE_PENALTY_MIN).presence_penalty == -2.0
 
 
 def test_the_bounds_themselves_are_accepted_and_the_extreme_seed_samples():

@@ -62,7 +62,8 @@ def assert_error(status: int, data, expected: int, param: str | None = None) -> 
     (body(temperature="warm"), 400, "temperature"),
     (body(max_tokens="10"), 400, "max_tokens"),
     (body(top_k=1.5), 400, "top_k"),
-    (body(top_p=0), 400, None),  # a valid number, refused by the sampler's own rule
+    (body(top_p=0), 400, "top_p"),  # a valid number, refused by the sampler's own rule
+    (body(presence_penalty=2.5), 400, "presence_penalty"),  # OpenAI's range is -2..2
     (body(messages=[]), 400, "messages"),  # empty messages
     (body(messages=[{"role": "system", "content": "only a system prompt"}]), 400, "messages"),
     (body(model="no-such-model"), 404, "model"),  # unknown model
@@ -71,6 +72,15 @@ def test_bad_requests_get_openai_errors(server, payload, status, param):
     code, data = request(server, "POST", "/v1/chat/completions", payload, AUTH)
     assert_error(code, data, status, param)
     still_serving(server)
+
+
+def test_a_negative_presence_penalty_is_accepted_and_the_range_is_said(server):
+    status, data = request(server, "POST", "/v1/chat/completions",
+                           body(presence_penalty=-1.5), AUTH)  # fmt: skip
+    assert status == 200, data  # before: 400, the library allowed only 0..2
+    code, data = request(server, "POST", "/v1/chat/completions", body(presence_penalty=-3), AUTH)
+    err = assert_error(code, data, 400, "presence_penalty")
+    assert "[-2, 2]" in err["message"], err
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",

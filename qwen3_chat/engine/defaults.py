@@ -28,7 +28,9 @@ DEFAULT_BUDGET = 4096
 
 # Bounds of two sampling settings, checked by SamplingParams and shown by the CLI's options.
 SEED_MAX = 2**64 - 1  # MLX builds its PRNG key from an unsigned 64-bit seed
-PRESENCE_PENALTY_MAX = 2.0  # Qwen's cards: 0 to 2 (1.5 against endless repetition)
+# Qwen's cards use 0 to 2 (1.5 against endless repetition); OpenAI's API also allows down to
+# -2, which favours tokens already seen (the penalty is subtracted, so the maths is the same).
+PRESENCE_PENALTY_MIN, PRESENCE_PENALTY_MAX = -2.0, 2.0
 
 
 def mode_name(thinking: bool) -> str:

@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from qwen3_chat.engine.defaults import (
     PRESENCE_PENALTY_MAX,
+    PRESENCE_PENALTY_MIN,
     QWEN_SAMPLING,
     SEED_MAX,
     THINKING,
@@ -38,21 +39,22 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Caught here, by name, rather than as NaNs or an MLX error mid-generation.
+        penalty_range = f"must be in [{PRESENCE_PENALTY_MIN:g}, {PRESENCE_PENALTY_MAX:g}]"
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (0 <= self.presence_penalty <= PRESENCE_PENALTY_MAX,
-             f"presence_penalty must be in [0, {PRESENCE_PENALTY_MAX:g}]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 = off)"),
+            (0 <= self.min_p < 1, "min_p", "must be in [0, 1)"),
+            (PRESENCE_PENALTY_MIN <= self.presence_penalty <= PRESENCE_PENALTY_MAX,
+             "presence_penalty", penalty_range),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
             (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                    and 0 <= self.seed <= SEED_MAX),
-             "seed must be a whole number from 0 to 2**64-1"),
+             "seed", "must be a whole number from 0 to 2**64-1"),
         ]  # fmt: skip
-        for ok, message in checks:
+        for ok, name, rule in checks:
             if not ok:
-                raise SettingsError(f"bad sampling setting: {message}")
+                raise SettingsError(f"bad sampling setting: {name} {rule}", param=name)
 
     @classmethod
     def for_mode(cls, thinking: bool) -> SamplingParams:

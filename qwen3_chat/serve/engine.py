@@ -167,8 +167,8 @@ class ServeEngine:
                 req.messages, add_generation_prompt=True, enable_thinking=thinking,
                 tools=req.tools, **req.template_kwargs,
             )  # fmt: skip
-        except Qwen3ChatError as e:
-            raise bad(str(e)) from None
+        except Qwen3ChatError as e:  # a sampling rule names its field (SettingsError.param)
+            raise bad(str(e), getattr(e, "param", None)) from None
         except TypeError as e:  # a sampling field SamplingParams does not know
             raise bad(f"bad setting: {e}") from None
         ids = self.tokenizer.encode(text)

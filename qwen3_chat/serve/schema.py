@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen3_chat.engine.defaults import SEED_MAX
+
 # reasoning_effort → thinking budget (reasoning tokens). "medium" is the server's default
 # budget (the REPL's, 4096 unless `--budget` says otherwise); "none" turns thinking off.
 EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "low": 1024, "high": 16384}
 EFFORT_LEVELS = ("none", "minimal", "low", "medium", "high")  # "minimal" (OpenAI's) = "low"
 MAX_STOP = 16
-SEED_MAX = 2**64 - 1  # MLX builds its PRNG key from an unsigned 64-bit seed
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Template variables a client must not override: they are ours to set.
 RESERVED_TEMPLATE_KEYS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
