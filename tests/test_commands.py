@@ -100,6 +100,23 @@ def test_apply_setting_changes_the_session_and_a_rejected_one_changes_nothing(de
     assert (s.max_tokens, s.budget) == (5, None)
 
 
+@pytest.mark.parametrize("name, text, rule", [
+    ("budget", "abc", "budget must be a whole number >= 0, or off (got 'abc')"),
+    ("budget", "-3", "budget must be a whole number >= 0, or off (got -3)"),
+    ("max_tokens", "0", "max_tokens must be a whole number >= 1 (got 0)"),
+    ("max_tokens", "lots", "max_tokens must be a whole number >= 1 (got 'lots')"),
+])  # fmt: skip
+def test_a_bad_limit_is_worded_for_the_repl(demo, name, text, rule):
+    """/budget abc and /set budget -3: the REPL's words (off), not the library's None."""
+    from qwen3_chat import ChatSession
+
+    s = ChatSession(*demo, budget=7)
+    with pytest.raises(Qwen3ChatError) as e:
+        apply_setting(s, *parse_setting(name, text))
+    assert str(e.value) == rule  # before: "... an integer >= 0 or None, not 'abc'"
+    assert s.budget == 7
+
+
 def test_a_saved_file_is_checked_field_by_field(demo):
     """/load and --resume: check_saved, then ChatSession.from_dict (which checks the rest)."""
     from qwen3_chat import ChatSession

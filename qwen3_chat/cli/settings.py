@@ -19,6 +19,8 @@ KNOBS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetiti
          "seed")  # fmt: skip
 INT_KNOBS = frozenset({"top_k", "seed"})
 LIMITS = ("max_tokens", "budget")
+# What each limit accepts, in the REPL's words (ChatSession checks the values themselves).
+LIMIT_RULES = {"max_tokens": "a whole number >= 1", "budget": "a whole number >= 0, or off"}
 SETTINGS: tuple[str, ...] = (*KNOBS, *LIMITS)
 ALIASES = {"temp": "temperature", "max-tokens": "max_tokens"}
 UNSET = ("default", "off", "none")  # /set NAME default: back to the mode's default
@@ -75,10 +77,11 @@ def parse_setting(name: str, text: str) -> tuple[str, Any]:
 def apply_setting(session: Any, name: str, value: Any) -> None:
     """Set one value on a ChatSession, which checks the limits itself; a combination of
     sampling settings it rejects changes nothing."""
-    if name == "max_tokens":
-        session.max_tokens = value
-    elif name == "budget":
-        session.budget = value
+    if name in LIMITS:
+        try:
+            setattr(session, name, value)
+        except Qwen3ChatError:  # the library's words are typed ("or None"); say the REPL's
+            raise Qwen3ChatError(f"{name} must be {LIMIT_RULES[name]} (got {value!r})") from None
     elif session.sampling is not None:  # fixed sampling (e.g. a saved file): edit it
         base = type(session.sampling)()
         session.sampling = replace(session.sampling, **{name: getattr(base, name)
