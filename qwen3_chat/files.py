@@ -36,6 +36,13 @@ def read_json(
         raise error(f"{path}: not valid {what} ({e})") from None
 
 
+def missing_folder(path: str | Path) -> Path | None:
+    """The outermost folder above `path` that does not exist yet (writing would create it),
+    or None: callers say they made it, so a typo in a folder name does not go unnoticed."""
+    missing = [p for p in Path(path).expanduser().parents if not p.exists()]
+    return missing[-1] if missing else None
+
+
 def write_atomic(path: str | Path, data: bytes | str, *, mode: int = 0o644) -> Path:
     """Write `data` to `path` so a crash or Ctrl-C leaves the old file or the new one.
 

@@ -301,9 +301,9 @@ def test_copy_file_and_attachments(tmp_path):
     term.expect(r"\x1b\]52;c;([A-Za-z0-9+/=]*)\x07")
     copied = base64.b64decode(term.child.match.group(1)).decode()
     term.expect(rf"copied {len(copied)} characters via terminal \(OSC 52\), wl-copy")
-    path = tmp_path / "c.json"
-    term.send(f"/save {path}")
-    term.expect("saved 4 messages")
+    path = tmp_path / "saves" / "c.json"  # a folder that does not exist yet: made, and said
+    term.send("/save saves/c.json")  # relative to cwd (tmp_path): the line fits the screen
+    term.expect(r"saved 4 messages to saves/c\.json \(created the folder saves\)")
     term.send("/exit")
     assert term.close() == 0
     msgs = json.loads(path.read_text())["messages"]

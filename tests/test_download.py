@@ -209,9 +209,10 @@ def test_malformed_user_registry_names_the_entry():
 
 
 def test_convert_round_trip(ckpt, tmp_path):
-    out = tmp_path / "q4"
+    out = tmp_path / "models" / "q4"  # its parent is missing: made, and said (as /save does)
     r = qwen3("convert", str(ckpt), "--bits", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
+    assert f"(created the folder {out.parent})" in r.stderr, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4 and (out / "tokenizer.json").exists()
     source = json.loads((ckpt / "config.json").read_text())

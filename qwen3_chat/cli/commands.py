@@ -23,7 +23,7 @@ from qwen3_chat.cli.render import count_tokens, reasoning_panel, speculation_lin
 from qwen3_chat.cli.terminal import sanitize
 from qwen3_chat.engine.defaults import allows_thinking
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.files import read_json
+from qwen3_chat.files import missing_folder, read_json
 
 if TYPE_CHECKING:
     from qwen3_chat.cli.repl import Repl
@@ -233,11 +233,13 @@ def _save(repl: Repl, arg: str) -> None:
     if not arg:
         raise Qwen3ChatError("usage: /save FILE")
     data = repl.snapshot()
+    missing = missing_folder(arg)  # made, as `qwen3 convert --out` does, and said
     try:
         write_private_json(Path(arg).expanduser(), data)
     except OSError as e:
         raise Qwen3ChatError(f"cannot write {arg}: {e.strerror or e}") from None
-    repl.say(f"saved {len(data['messages'])} messages to {arg}")
+    made = f" (created the folder {missing})" if missing else ""
+    repl.say(f"saved {len(data['messages'])} messages to {arg}{made}")
 
 
 def _load(repl: Repl, arg: str) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from qwen3_chat.cli.usage import BITS_HELP
 from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.files import missing_folder
 from qwen3_chat.models.config import DEFAULT_BITS, QUANT_BITS, check_bits
 
 
@@ -97,8 +98,10 @@ def convert(
 
     if not src.is_dir():
         raise Qwen3ChatError(f"{src}: not a model folder")
+    missing = missing_folder(out)  # made, as /save does, and said
     path = run(src, out, bits)
-    typer.echo(f"wrote {bits}-bit model to {path}", err=True)
+    made = f" (created the folder {missing})" if missing else ""
+    typer.echo(f"wrote {bits}-bit model to {path}{made}", err=True)
 
 
 def register(app: typer.Typer) -> None:
