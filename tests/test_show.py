@@ -104,3 +104,14 @@ def test_bad_bits_is_a_usage_error():
     result = CliRunner().invoke(app, ["show", "demo", "--bits", "3"])
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip() == "error: --bits must be 4, 8 or 16, not 3"
+
+
+def test_bits_that_a_folder_does_not_have_are_refused():
+    """--bits picks a downloaded variant; a folder is described as it is, so asking for other
+    bits is a usage error rather than silently ignored (before: demo --bits 8 showed float)."""
+    result = CliRunner().invoke(app, ["show", "demo", "--bits", "8"])
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "demo" in line and "--bits 8" in line, line
+    assert "unquantized" in line and "qwen3 chat -m demo --bits 8" in line, line
+    assert show("demo", "--bits", "16")["quantization"] is None  # the bits it has: fine

@@ -7,7 +7,7 @@ import json
 import typer
 
 from qwen3_chat.cli.models import _size as size
-from qwen3_chat.cli.usage import BITS_HELP, check_bits_option
+from qwen3_chat.cli.usage import BITS_HELP, check_bits_option, usage_exit
 from qwen3_chat.errors import Qwen3ChatError
 
 
@@ -45,6 +45,23 @@ def _lines(info) -> list[tuple[str, str]]:
     return rows
 
 
+def _check_folder_bits(model: str, path, bits: int | None) -> None:
+    """A folder (demo, a path, a local registry entry) has the bits it was saved with; other
+    --bits would describe weights that are not there, so they are refused, not ignored."""
+    from qwen3_chat.hub.download import resolve
+    from qwen3_chat.hub.open import read_config, stored_bits
+    from qwen3_chat.models.config import ORIGINAL_BITS
+
+    if bits is None or resolve(model, bits)[1] is None:  # not a folder: bits chose the variant
+        return
+    have = stored_bits(read_config(path))
+    if bits != (have or ORIGINAL_BITS):
+        what = f"{have}-bit" if have else "unquantized"
+        raise usage_exit(f"--bits {bits} does not apply: {model} is a folder of {what} weights, "
+                         f"shown as it is (`qwen3 chat -m {model} --bits {bits}` quantizes it "
+                         "as it loads)")  # fmt: skip
+
+
 def show(
     model: str = typer.Argument(..., help="An alias, a downloaded repo id, or a folder."),
     bits: int | None = typer.Option(None, "--bits", help=f"Which downloaded variant: {BITS_HELP}."),
@@ -66,6 +83,7 @@ def show(
         flag = f" --bits {bits}" if bits else ""
         raise Qwen3ChatError(f"{model} is not downloaded; `qwen3 download {model}{flag}` "
                              f"fetches it{size_note}")  # fmt: skip
+    _check_folder_bits(model, path, bits)
     info = describe(model, path)
     if as_json:
         typer.echo(json.dumps(info.to_dict(), ensure_ascii=False))
