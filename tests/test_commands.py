@@ -146,6 +146,10 @@ def test_a_saved_file_is_checked_field_by_field(demo):
         ({"messages": [{"role": "tool", "content": "x"}]}, "bad message"),
         ({"messages": [{"role": "user"}]}, "bad message"),
         ({"messages": [{"role": "user", "content": "x", "interrupted": "yes"}]}, "interrupted"),
+        ({"messages": [{"role": "assistant", "content": "x", "reasoning_tokens": "\x1b[2J"}]},
+         "bad message"),  # /history prints the count: only a whole number >= 0 gets there
+        ({"messages": [{"role": "assistant", "content": "x", "reasoning_tokens": -4}]},
+         "bad message"),
     ]:
         with pytest.raises(Qwen3ChatError, match=message):
             restore(saved(**change))

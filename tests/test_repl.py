@@ -42,6 +42,8 @@ def test_demo_session_think_show_no_think_budget_save_load(tmp_path, demo_reason
 
     term.send(QUESTION)
     term.expect(r"▸ Thought for \d+ tokens \(\d+\.\d s\) · /show to expand")
+    thought = int(re.search(r"Thought for (\d+)", term.seen).group(1))
+    term.expect(rf" {thought} thinking · ")  # the stats line counts the same tokens
     term.expect("tok/s")
     term.prompt()
 
@@ -72,6 +74,7 @@ def test_demo_session_think_show_no_think_budget_save_load(tmp_path, demo_reason
     assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 3
     assert data["messages"][1]["reasoning_content"] == demo_reasoning
     assert "reasoning_content" not in data["messages"][3] and data["budget"] == 5
+    assert data["messages"][1]["reasoning_tokens"] == thought  # counted once, when generated
 
     term.send("/clear")
     term.expect("new conversation")
@@ -82,6 +85,8 @@ def test_demo_session_think_show_no_think_budget_save_load(tmp_path, demo_reason
     term.expect(r"think │ budget 5 │ context [1-9]\d*/2048")
     term.send("/show 1")
     term.expect(re.escape(demo_reasoning[:30]))
+    term.send("/history")  # the count the stats line said, not a re-tokenization (77 vs 79)
+    term.expect(rf"▸ reasoning, {thought} tokens · /show 1 to expand")
 
     term.send("/stats")
     term.expect("no answer yet")  # a loaded conversation has no fresh numbers

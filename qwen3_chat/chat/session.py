@@ -25,6 +25,7 @@ from qwen3_chat.engine.defaults import (
     mode_name,
 )
 from qwen3_chat.engine.events import (
+    REASONING_TOKENS,
     AnswerText,
     ContextTrimmed,
     Event,
@@ -255,6 +256,7 @@ class ChatSession:
         msg: dict[str, Any] = {"role": "assistant", "content": answer}
         if reasoning:
             msg["reasoning_content"] = reasoning
+            msg[REASONING_TOKENS] = self.last_stats.reasoning_tokens
         msg["interrupted"] = True
         self._messages.append(msg)
 
@@ -349,6 +351,7 @@ class ChatSession:
         msg: dict[str, Any] = {"role": "assistant", "content": ev.answer}
         if ev.reasoning:
             msg["reasoning_content"] = ev.reasoning
+            msg[REASONING_TOKENS] = ev.stats.reasoning_tokens
         if ev.stats.finish_reason in ("length", "context"):
             msg["truncated"] = True
         self._messages.append(msg)

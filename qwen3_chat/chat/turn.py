@@ -8,7 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_chat.engine.events import GenerationStats
+from qwen3_chat.engine.events import REASONING_TOKENS, GenerationStats
 from qwen3_chat.errors import SettingsError
 
 ROLES = ("user", "assistant")
@@ -38,6 +38,8 @@ def check_message(m: Any) -> dict[str, Any]:
         or m.get("role") not in ROLES
         or not isinstance(m.get("content"), str)
         or not isinstance(m.get("reasoning_content", ""), str)
+        or type(m.get(REASONING_TOKENS, 0)) is not int
+        or m.get(REASONING_TOKENS, 0) < 0
     ):
         raise SettingsError(f"bad message {str(m)[:60]!r}")
     return dict(m)

@@ -22,6 +22,7 @@ from qwen3_chat.cli.conversations import ConversationStore, write_private_json
 from qwen3_chat.cli.render import count_tokens, reasoning_panel, speculation_line, stats_line
 from qwen3_chat.cli.terminal import sanitize
 from qwen3_chat.engine.defaults import allows_thinking
+from qwen3_chat.engine.events import REASONING_TOKENS
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.files import missing_folder, read_json
 
@@ -193,8 +194,8 @@ def _history(repl: Repl, arg: str) -> None:
             repl.console.print(Text("› " + sanitize(m["content"]), style="bold"))
             continue
         n += 1
-        if m.get("reasoning_content"):
-            tokens = len(s.tokenizer.encode(m["reasoning_content"]))
+        if m.get("reasoning_content"):  # the count as generated; re-encoded for older files
+            tokens = m.get(REASONING_TOKENS) or len(s.tokenizer.encode(m["reasoning_content"]))
             repl.say(f"▸ reasoning, {count_tokens(tokens)} · /show {n} to expand", "dim")
         repl.console.print(Text(sanitize(m["content"])))
         if m.get("interrupted"):

@@ -58,6 +58,11 @@ class GenerationStats:
     speculation: dict | None = None
 
 
+# ChatSession keeps `reasoning_tokens` on each assistant message under this key, so /history
+# says what the stats line said (re-encoding the stripped reasoning counts differently).
+REASONING_TOKENS = "reasoning_tokens"
+
+
 @dataclass(frozen=True)
 class Finished:
     stats: GenerationStats
