@@ -1,8 +1,12 @@
 """Synthetic conversations, tokenizer and chat template for the tiny demo model.
 
-Everything here is deterministic for a given seed: the same seed gives the same
-conversations, the same BPE vocabulary and the same token ids, so
-`python -m qwen3_chat.demo.train` reproduces the committed folder.
+The demo model does one thing: add two whole numbers under 100, asked in many ways, with
+reasoning that names the operands and adds column by column; anything else gets a short,
+polite "I am a tiny demo model" reply. Everything is deterministic for a given seed (the same
+conversations, BPE vocabulary and token ids), so `python -m qwen3_chat.demo.train`
+reproduces the committed folder. Evaluation questions are disjoint from training by
+construction: held-out operand pairs never appear in training, and held-out phrasings are
+never used to ask a training question.
 """
 
 from __future__ import annotations
@@ -59,17 +63,53 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-SYSTEM_PROMPTS = (
-    "You are a helpful assistant.",
-    "You are a patient math tutor.",
-    "You are a tiny demo model. Keep answers short.",
-)
-NAMES = ("Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ben", "Yuki")
-THINGS = ("apples", "books", "coins", "cards", "marbles", "pens", "stickers", "shells")
-WORDS = (
-    "cat", "house", "banana", "river", "planet", "apple", "garden", "music",
-    "window", "orange", "tree", "bottle", "pencil", "rocket", "yellow", "dog",
+LIMIT = 100  # operands are whole numbers below this
+# Ways to ask for a + b. {a} is always the first number named, so the reasoning can name
+# the operands in the order the user gave them.
+TRAIN_PHRASINGS = (
+    "What is {a} + {b}?", "What is {a}+{b}?", "what is {a} plus {b}", "What is {a} plus {b}?",
+    "{a} + {b}", "{a}+{b}", "{a} + {b} = ?", "{a}+{b}=?", "{a} plus {b}", "{a} plus {b}?",
+    "Add {a} and {b}.", "add {a} and {b}", "Add {a} to {b}", "Please add {a} and {b}.",
+    "Compute {a}+{b}", "Compute {a} + {b}.", "Calculate {a} + {b}", "calculate {a} plus {b}",
+    "How much is {a} and {b} together?", "how much is {a} plus {b}?",
+    "What do you get if you add {a} and {b}?", "What is the sum of {a} and {b}?",
+    "sum of {a} and {b}", "Find the sum of {a} and {b}.", "Tell me {a} + {b}",
+    "Can you add {a} and {b} for me?", "What's {a} plus {b}?", "Quick question: {a} + {b}?",
+    "I have {a} apples and get {b} more. How many apples do I have?",
+    "There are {a} cats and {b} dogs. How many animals are there in total?",
+    "Solve {a} + {b}", "{a} and {b} added together is?", "Total of {a} and {b}?",
+    "What is {a} + {b} equal to?", "Work out the sum {a} + {b}, please.",
 )  # fmt: skip
+# Only ever used to ask evaluation questions: built from the same words, in new orders.
+HELD_OUT_PHRASINGS = (
+    "What's {a} + {b}?", "Please compute {a} plus {b}.", "How much is {a} + {b}?",
+    "Work out {a}+{b}", "{a} plus {b} equals what?", "Could you add {a} and {b}?",
+    "Find {a} + {b}.", "What is the total of {a} and {b}?",
+)  # fmt: skip
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.", "You are a patient math tutor.",
+    "You are a tiny demo model. Keep answers short.", "Answer briefly.",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+)  # fmt: skip
+# Greetings and questions the model cannot answer: a short polite reply that says what it can
+# do. Some contain numbers, so "has numbers" alone never means "add them".
+GREETINGS = ("Hello!", "hi", "Hi there", "Hey!", "Good morning!", "Hello, how are you?")
+OFF_TOPIC = (
+    "Who are you?", "What can you do?", "Thanks!", "Thank you", "Tell me a joke.",
+    "What is the capital of France?", "Why is the sky blue?", "Write a poem about the sea.",
+    "What is 8 * 7?", "What is 20 - 5?", "What is 12 times 3?", "How old are you?",
+    "Translate hello into French.", "What day is it today?", "Can you help me?",
+    "What is the square root of 81?", "Count from 1 to 5.", "Explain gravity.",
+)  # fmt: skip
+GREETING_REPLY = "Hello! I am a tiny demo model; ask me a sum like 12 + 30."
+OFF_TOPIC_REPLY = (
+    "I am a tiny demo model, so I can only add two numbers under 100. "
+    "Ask me a sum like 12 + 30."
+)
+GREETING_REASONING = "The user greets me. I greet back and say what I can do."
+OFF_TOPIC_REASONING = (
+    "The user did not ask me to add two numbers. I am a tiny demo model, so I say what I can do."
+)
 
 
 @dataclass
@@ -82,143 +122,65 @@ class Example:
 
 
 def is_held_out(a: int, b: int) -> bool:
-    """Sums reserved for evaluation: never used as a + b in training."""
-    return (a * 7 + b * 13) % 17 == 0
+    """Operand pairs reserved for evaluation (about 1 in 11), in either order."""
+    return (a + b + 3 * a * b) % 11 == 5
 
 
-def _digits_trace(a: int, b: int) -> str:
-    """Column addition, ones first, stating each digit and carry."""
-    da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry = [], 0
-    places = ("ones", "tens", "hundreds", "thousands")
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        s = x + y + carry
-        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
-        step = f"{places[i]}: {terms} = {s}"
-        carry = s // 10
-        steps.append(step + (f", write {s % 10}, carry {carry}." if carry else "."))
-    if carry:
-        steps.append(f"The carry {carry} goes in front.")
-    return " ".join(steps)
+def _columns(a: int, b: int) -> tuple[str, str]:
+    """The ones and tens steps of a + b: digits, the carry, each column's sum."""
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    first = f"{a % 10} + {b % 10} = {ones}" + (", carry 1" if carry else "")
+    second = f"{a // 10} + {b // 10}" + (" + 1" if carry else "") + f" = {tens}"
+    return first, second
 
 
-def _sum_pair(rng: random.Random) -> tuple[int, int]:
+def addition_reasoning(a: int, b: int) -> str:
+    """Thinking-mode reasoning: names both operands, then adds column by column."""
+    ones, tens = _columns(a, b)
+    return f"I need to add {a} and {b}. Ones: {ones}. Tens: {tens}. So {a} + {b} = {a + b}."
+
+
+def addition_answer(a: int, b: int, thinking: bool) -> str:
+    """The visible answer. Without thinking it carries the same column working inline: a
+    model this small cannot add two-digit numbers in one step."""
+    if thinking:
+        return f"{a} + {b} = **{a + b}**."
+    ones, tens = _columns(a, b)
+    return f"{a} + {b}: ones {ones}; tens {tens}. So {a} + {b} = **{a + b}**."
+
+
+def _vary(q: str, rng: random.Random) -> str:
+    """Small typing variations: lower case, no final punctuation, padding spaces."""
+    if rng.random() < 0.15:
+        q = q.lower()
+    if rng.random() < 0.15:
+        q = q.rstrip("?.!")
+    if rng.random() < 0.05:
+        q = " " + q + " "
+    return q
+
+
+def _pair(rng: random.Random) -> tuple[int, int]:
     while True:
-        a = rng.randint(0, 99) if rng.random() < 0.85 else rng.randint(100, 999)
-        b = rng.randint(0, 99)
+        # Single-digit operands are rare among pairs under 100: give them more weight.
+        a = rng.randrange(10) if rng.random() < 0.15 else rng.randrange(LIMIT)
+        b = rng.randrange(10) if rng.random() < 0.15 else rng.randrange(LIMIT)
         if not is_held_out(a, b):
             return a, b
 
 
-def addition_reasoning(a: int, b: int) -> str:
-    return f"I need to add {a} and {b}. {_digits_trace(a, b)} So {a} + {b} = {a + b}."
-
-
-def _q_addition(rng: random.Random) -> tuple[str, str, str]:
-    a, b = _sum_pair(rng)
-    q = rng.choice(
-        (
-            "What is {a} + {b}?",
-            "Compute {a} + {b}",
-            "What is {a} plus {b}?",
-            "Add {a} and {b}.",
-            "{a} + {b} = ?",
-            "Can you add {a} and {b} for me?",
-        )
-    ).format(a=a, b=b)
-    return q, addition_reasoning(a, b), f"{a} + {b} = **{a + b}**."
-
-
-def _q_word_problem(rng: random.Random) -> tuple[str, str, str]:
-    a, b = _sum_pair(rng)
-    name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    q = rng.choice(
-        (
-            "{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?",
-            "There are {a} {t} in a box and {n} puts in {b} more. How many {t} are in the box?",
-        )
-    ).format(n=name, a=a, b=b, t=thing)
-    r = f"{name} starts with {a} {thing} and adds {b}, so I add. " + addition_reasoning(a, b)
-    return (
-        q,
-        r,
-        f"{name} has **{a + b}** {thing}."
-        if "box" not in q
-        else (f"There are **{a + b}** {thing} in the box."),
-    )
-
-
-def _q_multiply(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    q = rng.choice(("What is {a} * {b}?", "Compute {a} * {b}", "What is {a} times {b}?"))
-    r = f"I need to multiply {a} by {b}. {a} * {b} = {a * b}."
-    return q.format(a=a, b=b), r, f"{a} * {b} = **{a * b}**."
-
-
-def _q_subtract(rng: random.Random) -> tuple[str, str, str]:
-    a = rng.randint(10, 40)
-    b = rng.randint(1, 9)
-    q = rng.choice(("What is {a} - {b}?", "Compute {a} - {b}", "Subtract {b} from {a}."))
-    r = f"I need to subtract {b} from {a}. Counting down {b} from {a} gives {a - b}."
-    return q.format(a=a, b=b), r, f"{a} - {b} = **{a - b}**."
-
-
-def _q_letters(rng: random.Random) -> tuple[str, str, str]:
-    w = rng.choice(WORDS)
-    q = rng.choice(("How many letters are in the word {w}?", "Count the letters in {w}."))
-    r = f"Let me spell it: {'-'.join(w)}. That is {len(w)} letters."
-    return q.format(w=w), r, f"The word {w} has **{len(w)}** letters."
-
-
-def _q_chain(rng: random.Random) -> tuple[str, str, str]:
-    """Multi-step sums: long reasoning, so a thinking budget visibly cuts it short."""
-    nums = [rng.randint(1, 60) for _ in range(rng.randint(3, 4))]
-    q = "What is " + " + ".join(map(str, nums)) + "?"
-    parts, total = ["I will add the numbers one at a time."], nums[0]
-    for n in nums[1:]:
-        parts.append(f"Step: {total} + {n}. {_digits_trace(total, n)} So {total} + {n} = "
-                     f"{total + n}.")  # fmt: skip
-        total += n
-    parts.append(f"The total is {total}.")
-    return q, " ".join(parts), " + ".join(map(str, nums)) + f" = **{total}**."
-
-
-def _q_chat(rng: random.Random) -> tuple[str, str, str]:
-    q, r, a = rng.choice(
-        (
-            ("Hello!", "The user greets me. I should greet back and offer help.",
-             "Hello! I am a tiny demo model. Ask me a small sum, like 12 + 30."),
-            ("Who are you?", "The user asks who I am. I am a tiny demo model.",
-             "I am a tiny demo model trained for this app. I can do small arithmetic."),
-            ("Thanks!", "The user thanks me. I should reply politely.",
-             "You are welcome!"),
-            ("What can you do?", "The user asks what I can do. I know small arithmetic.",
-             "I can add numbers, multiply small numbers and count letters."),
-        )
-    )  # fmt: skip
-    return q, r, a
-
-
-TASKS = (
-    (_q_addition, 0.46),
-    (_q_word_problem, 0.12),
-    (_q_multiply, 0.12),
-    (_q_subtract, 0.06),
-    (_q_letters, 0.10),
-    (_q_chain, 0.06),
-    (_q_chat, 0.08),
-)
-
-
-def _task(rng: random.Random) -> tuple[str, str, str]:
-    x, acc = rng.random(), 0.0
-    for fn, p in TASKS:
-        acc += p
-        if x < acc:
-            return fn(rng)
-    return TASKS[0][0](rng)
+def _turn(rng: random.Random, think: bool) -> tuple[str, str, str]:
+    """(question, reasoning, answer) of one turn."""
+    x = rng.random()
+    if x < 0.06:
+        return rng.choice(GREETINGS), GREETING_REASONING, GREETING_REPLY
+    if x < 0.16:
+        return rng.choice(OFF_TOPIC), OFF_TOPIC_REASONING, OFF_TOPIC_REPLY
+    a, b = _pair(rng)
+    q = _vary(rng.choice(TRAIN_PHRASINGS).format(a=a, b=b), rng)
+    return q, addition_reasoning(a, b), addition_answer(a, b, think)
 
 
 def make_example(rng: random.Random) -> Example:
@@ -227,23 +189,23 @@ def make_example(rng: random.Random) -> Example:
     if rng.random() < 0.25:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         tags.append("system")
-    if rng.random() < 0.2:  # an earlier exchange, rendered without its reasoning
-        q, _r, a = _task(rng)
+    for _ in range(rng.choice((0, 0, 0, 0, 1, 2))):  # earlier turns, without their reasoning
+        q, _r, a = _turn(rng, think=rng.random() < 0.5)
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         tags.append("multi")
-    q, r, a = _task(rng)
-    thinking = rng.random() >= 0.3
+    thinking = rng.random() < 0.5
     think = thinking
     x = rng.random()
-    if x < 0.08:  # soft switches: the model must follow them on its own
-        q, think = q + " /no_think", False
-        thinking = True
+    if x < 0.06:  # soft switches: the model writes the empty think block itself
+        suffix, think, thinking = " /no_think", False, True
         tags.append("no_think")
-    elif x < 0.14:
-        q, think = q + " /think", True
-        thinking = True
+    elif x < 0.1:
+        suffix, think, thinking = " /think", True, True
         tags.append("think")
-    messages.append({"role": "user", "content": q})
+    else:
+        suffix = ""
+    q, r, a = _turn(rng, think)
+    messages.append({"role": "user", "content": q + suffix})
     messages.append({"role": "assistant", "content": a, "reasoning_content": r if think else ""})
     return Example(messages, thinking, tags)
 
@@ -253,14 +215,22 @@ def generate(n: int, seed: int = 0) -> list[Example]:
     return [make_example(rng) for _ in range(n)]
 
 
+def held_out_questions(n: int, seed: int = 1234) -> list[tuple[str, int, int]]:
+    """(question, a, b) for evaluation: held-out pairs asked with held-out phrasings."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(LIMIT) for b in range(LIMIT) if is_held_out(a, b)]
+    out = []
+    for a, b in rng.sample(pairs, n):
+        out.append((rng.choice(HELD_OUT_PHRASINGS).format(a=a, b=b), a, b))
+    return out
+
+
 def corpus_text(examples: list[Example]) -> Iterator[str]:
     for ex in examples:
         for m in ex.messages:
             yield m["content"]
             if m.get("reasoning_content"):
                 yield m["reasoning_content"]
-
-
 def train_tokenizer(examples: list[Example], vocab_size: int = 512) -> HFTokenizer:
     """Byte-level BPE (any text encodes) with Qwen3's special tokens appended."""
     tok = HFTokenizer(models.BPE())

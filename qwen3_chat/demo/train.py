@@ -1,26 +1,43 @@
-"""Train the tiny offline demo model (deterministic, MLX on the CPU, float32).
+"""Train the tiny offline demo model (deterministic: seeded data, init and order; float32 CPU).
 
-Regenerate the committed folder with (two stages, ~20 minutes on 2 busy cores):
+Regenerate the committed folder in three stages, each on fresh conversations: 2000 steps,
+then 1000 at a lower rate, then 1000 at a lower one (38 + 10 + 8 minutes on 2 cores
+shared with other jobs):
 
+    NUMPY_BLAS=$(python -c "import glob, numpy, os; \
+        print(glob.glob(os.path.dirname(numpy.__file__) + '.libs/libscipy_openblas64_*.so')[0])")
+    gcc -O2 -shared -fPIC qwen3_chat/demo/sgemm_shim.c "$NUMPY_BLAS" \
+        -Wl,-rpath,"$(dirname "$NUMPY_BLAS")" -o /tmp/sgemm_shim.so
+    export OPENBLAS_NUM_THREADS=1 LD_PRELOAD=/tmp/sgemm_shim.so
     python -m qwen3_chat.demo.train --out /tmp/demo-stage1
-    python -m qwen3_chat.demo.train --resume /tmp/demo-stage1 --out qwen3_chat/demo/model \
-        --steps 600 --order-seed 2 --lr 2e-3
+    python -m qwen3_chat.demo.train --resume /tmp/demo-stage1 --seed 1 --steps 1000 \
+        --lr 1e-3 --out /tmp/demo-stage2
+    python -m qwen3_chat.demo.train --resume /tmp/demo-stage2 --seed 2 --steps 1000 \
+        --lr 5e-4 --out qwen3_chat/demo/model
 
-Evaluate a folder on held-out sums (greedy) with:
+The shim is only a speed-up for Linux, where the mlx[cpu] wheel links the reference BLAS
+(a training step is ~5x slower without it); one OpenBLAS thread, because spinning threads on
+oversubscribed cores made its matmuls ~4x slower. Without the two exports the same commands
+train the same recipe (float results may differ in the last bits with another BLAS).
+
+Evaluate a folder on held-out questions (greedy, both modes) with:
 
     python -m qwen3_chat.demo.train --eval qwen3_chat/demo/model
+
+Conversations are packed into fixed-length rows (no padding between them, one shape, so the
+compiled step is traced once) and the loss covers the assistant replies only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,16 +47,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
+from tokenizers import Tokenizer as HFTokenizer
 
 from qwen3_chat.demo import data
+from qwen3_chat.engine.defaults import QWEN_SAMPLING, THINKING
+from qwen3_chat.files import write_json
 from qwen3_chat.models.config import ModelConfig
 from qwen3_chat.models.qwen3 import Model
 
 MODEL_CONFIG: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
-    "hidden_size": 96,
-    "intermediate_size": 256,
+    "hidden_size": 128,
+    "intermediate_size": 384,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -58,43 +78,53 @@ MODEL_CONFIG: dict[str, Any] = {
 @dataclass
 class TrainConfig:
     seed: int = 0
-    order_seed: int = 1  # data order; a resumed stage uses another one
-    examples: int = 12000
+    examples: int = 40000
     vocab_size: int = 512
-    batch_size: int = 16
-    steps: int = 500
+    batch_size: int = 8
+    seq_len: int = 256  # every row is packed to exactly this many tokens
+    steps: int = 2000
     lr: float = 3e-3
-    warmup: int = 50
+    warmup: int = 100
     weight_decay: float = 0.01
-    pad_to: int = 16  # pad lengths to a multiple of this so the compiled step rarely retraces
-    bucket: int = 64  # batches per length-sorted chunk: little padding, still shuffled
 
 
-def batches(encoded: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int):
-    """Endless deterministic batches: seeded shuffle, then similar lengths batched together.
+Encoded = tuple[list[int], list[int]]
 
-    The CPU is the bottleneck, so padding is wasted compute: each chunk of `bucket`
-    batches is sorted by length before batching, and the batch order is shuffled again.
-    """
-    rng = random.Random(cfg.order_seed)
+
+def pack(encoded: list[Encoded], seq_len: int, sep: list[int], pad_id: int,
+         rng: random.Random) -> list[Encoded]:  # fmt: skip
+    """One epoch of rows: whole conversations in a seeded order, joined by `sep` (the newline
+    after <|im_end|>, not trained on) until the next would not fit, then padded."""
     order = list(range(len(encoded)))
-    chunk = cfg.batch_size * cfg.bucket
+    rng.shuffle(order)
+    rows: list[Encoded] = []
+    ids: list[int] = []
+    mask: list[int] = []
+    for i in order:
+        x, m = encoded[i]
+        if len(x) > seq_len:
+            raise ValueError(f"conversation of {len(x)} tokens exceeds seq_len {seq_len}")
+        if len(ids) + len(sep) + len(x) > seq_len:
+            rows.append((ids + [pad_id] * (seq_len - len(ids)), mask + [0] * (seq_len - len(ids))))
+            ids, mask = [], []
+        if ids:
+            ids, mask = ids + sep, mask + [0] * len(sep)
+        ids, mask = ids + x, mask + m
+    if ids:
+        rows.append((ids + [pad_id] * (seq_len - len(ids)), mask + [0] * (seq_len - len(ids))))
+    return rows
+
+
+def batches(encoded: list[Encoded], cfg: TrainConfig, sep: list[int],
+            pad_id: int) -> Iterator[tuple[mx.array, mx.array]]:  # fmt: skip
+    """Endless deterministic [batch, seq_len] batches, repacked in a new order each epoch."""
+    rng = random.Random(cfg.seed + 1)
     while True:
-        rng.shuffle(order)
-        for c in range(0, len(order), chunk):
-            part = sorted(order[c : c + chunk], key=lambda i: len(encoded[i][0]))
-            groups = [
-                part[s : s + cfg.batch_size]
-                for s in range(0, len(part) - cfg.batch_size + 1, cfg.batch_size)
-            ]
-            rng.shuffle(groups)
-            for g in groups:
-                rows = [encoded[i] for i in g]
-                n = max(len(ids) for ids, _ in rows)
-                n = -(-n // cfg.pad_to) * cfg.pad_to
-                ids = [r[0] + [pad_id] * (n - len(r[0])) for r in rows]
-                mask = [r[1] + [0] * (n - len(r[1])) for r in rows]
-                yield mx.array(ids, dtype=mx.int32), mx.array(mask, dtype=mx.float32)
+        rows = pack(encoded, cfg.seq_len, sep, pad_id, rng)
+        for s in range(0, len(rows) - cfg.batch_size + 1, cfg.batch_size):
+            group = rows[s : s + cfg.batch_size]
+            yield (mx.array([r[0] for r in group], dtype=mx.int32),
+                   mx.array([r[1] for r in group], dtype=mx.float32))  # fmt: skip
 
 
 def loss_fn(model: Model, ids: mx.array, mask: mx.array) -> mx.array:
@@ -114,18 +144,16 @@ def save_folder(model: Model, tok, out: Path, model_config: dict[str, Any]) -> N
     cfg = {**model_config, "vocab_size": tok.get_vocab_size()}
     cfg["bos_token_id"] = tok.token_to_id("<|endoftext|>")
     cfg["eos_token_id"] = tok.token_to_id("<|im_end|>")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_json(tmp / "config.json", cfg)
     data.write_tokenizer(tok, tmp)
     gen = {
         "bos_token_id": tok.token_to_id("<|endoftext|>"),
         "eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
         "pad_token_id": tok.token_to_id("<|endoftext|>"),
         "do_sample": True,
-        "temperature": 0.6,
-        "top_k": 20,
-        "top_p": 0.95,
+        **{k: QWEN_SAMPLING[THINKING][k] for k in ("temperature", "top_k", "top_p")},
     }
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_json(tmp / "generation_config.json", gen)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -138,23 +166,31 @@ def train(
     model_config: dict[str, Any] | None = None,
     init: Path | None = None,
 ) -> dict[str, float]:
-    """Train from scratch; write the folder to `out` (unless None). Returns time and loss."""
+    """Train from scratch, or go on from the folder `init` (its weights and tokenizer, fresh
+    conversations from cfg.seed); write the folder to `out` (unless None)."""
     model_config = {**MODEL_CONFIG, **(model_config or {})}
     mx.set_default_device(mx.cpu)  # deterministic and float32: the CPU path
     mx.random.seed(cfg.seed)
+    t_data = time.perf_counter()
     examples = data.generate(cfg.examples, cfg.seed)
-    tok = data.train_tokenizer(examples, cfg.vocab_size)
+    if init is None:
+        tok = data.train_tokenizer(examples, cfg.vocab_size)
+    else:
+        tok = HFTokenizer.from_file(str(init / "tokenizer.json"))
     chat = data.chat_tokenizer(tok)
     encoded = [data.encode_example(chat, ex) for ex in examples]
+    # The few longest multi-turn conversations would not fit a row: leave them out.
+    encoded = [e for e in encoded if len(e[0]) <= cfg.seq_len]
     model = Model(ModelConfig.from_dict({**model_config, "vocab_size": tok.get_vocab_size()}))
-    if init is not None:  # a second stage: continue from a saved folder's weights
+    if init is not None:
         from qwen3_chat.weights.loader import load_model
 
         model.update(load_model(init, dtype=mx.float32).parameters())
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    log(f"{len(examples)} examples, {sum(len(e[0]) for e in encoded)} tokens, "
-        f"vocab {tok.get_vocab_size()}, {n_params} parameters")  # fmt: skip
+    n_tokens = sum(len(e[0]) for e in encoded)
+    log(f"{len(encoded)} conversations, {n_tokens} tokens, vocab {tok.get_vocab_size()}, "
+        f"{n_params} parameters, data ready in {time.perf_counter() - t_data:.0f}s")  # fmt: skip
 
     schedule = optim.join_schedules(
         [
@@ -174,15 +210,15 @@ def train(
         opt.update(model, grads)
         return loss
 
-    pad = tok.token_to_id("<|endoftext|>")
+    sep = chat.encode("\n")
+    stream = batches(encoded, cfg, sep, tok.token_to_id("<|endoftext|>"))
     t0, avg = time.perf_counter(), math.nan
-    stream = batches(encoded, cfg, pad)
     for i in range(1, cfg.steps + 1):
         ids, mask = next(stream)
         loss = step(ids, mask)
         mx.eval(state, loss)
         avg = loss.item() if math.isnan(avg) else 0.95 * avg + 0.05 * loss.item()
-        if i % 25 == 0 or i == cfg.steps:
+        if i % 50 == 0 or i == cfg.steps:
             log(f"step {i}/{cfg.steps} loss {loss.item():.4f} avg {avg:.4f} "
                 f"{time.perf_counter() - t0:.0f}s")  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -191,69 +227,27 @@ def train(
     return {"seconds": seconds, "final_loss": avg}
 
 
-def held_out_sums(n: int, seed: int = 1234) -> list[tuple[int, int]]:
-    rng = random.Random(seed)
-    pairs: list[tuple[int, int]] = []
-    while len(pairs) < n:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        if data.is_held_out(a, b):
-            pairs.append((a, b))
-    return pairs
-
-
-def reply(model, tokenizer, text: str, thinking: bool, max_tokens: int = 200) -> str:
-    """Greedy reply as the raw generated text (with <think> and <|im_end|>)."""
-    from qwen3_chat.engine.events import Finished
-    from qwen3_chat.engine.generate import stream_generate
-    from qwen3_chat.engine.sampling import SamplingParams
-
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], enable_thinking=thinking
-    )
-    ids = tokenizer.encode(prompt)
-    for ev in stream_generate(
-        model, tokenizer, ids, sampling=SamplingParams(temperature=0), max_tokens=max_tokens
-    ):
-        if isinstance(ev, Finished):
-            return tokenizer.decode(ev.token_ids)
-    raise RuntimeError("stream_generate ended without Finished")
-
-
-def evaluate(path: Path, n: int = 50, log=print) -> dict[str, float]:
-    from qwen3_chat.weights.loader import load
-
-    model, tokenizer = load(path)
-    result = {}
-    for thinking in (True, False):
-        right = 0
-        for a, b in held_out_sums(n):
-            out = reply(model, tokenizer, f"What is {a} + {b}?", thinking)
-            answer = out.split("</think>")[-1]
-            right += f"**{a + b}**" in answer
-        result["thinking" if thinking else "non_thinking"] = right / n
-        log(f"held-out sums, thinking={thinking}: {right}/{n}")
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
+    from qwen3_chat.demo.evaluate import evaluate, format_table
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="folder to write the trained model to")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--resume", type=Path, help="start from this folder's weights")
-    p.add_argument("--order-seed", type=int, default=TrainConfig.order_seed)
+    p.add_argument("--resume", type=Path, help="go on from this folder's weights and tokenizer")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="conversations and order")
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--eval", type=Path, help="evaluate this folder on held-out sums")
+    p.add_argument("--eval", type=Path, help="evaluate this folder on held-out questions")
+    p.add_argument("-n", type=int, default=100, help="held-out questions per mode")
     args = p.parse_args(argv)
     log = partial(print, flush=True)  # a script: printing is its job
-    if args.out:
-        cfg = TrainConfig(steps=args.steps, order_seed=args.order_seed, lr=args.lr)
-        stats = train(cfg, args.out, log, init=args.resume)
-        log(f"trained in {stats['seconds']:.0f}s, final loss {stats['final_loss']:.4f}")
-    if args.eval or args.out:
-        evaluate(args.eval or args.out, log=log)
     if not (args.out or args.eval):
         p.print_usage(sys.stderr)
         return 2
+    if args.out:
+        cfg = TrainConfig(seed=args.seed, steps=args.steps, lr=args.lr)
+        stats = train(cfg, args.out, log, init=args.resume)
+        log(f"trained in {stats['seconds']:.0f}s, final loss {stats['final_loss']:.4f}")
+    log(format_table(evaluate(args.eval or args.out, args.n)))
     return 0
 
 
