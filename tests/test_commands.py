@@ -238,7 +238,8 @@ def test_set_settings_completion_and_history(tmp_path):
     term.expect("temperature 0.2")
     for line, reply in [
         ("/set top_p 1.5", "top_p must be in"),
-        ("/set max_tokens -5", "max_tokens must be an integer >= 1"),
+        ("/set max_tokens -5", "max_tokens must be a whole number >= 1"),
+        ("/budget abc", r"budget must be a whole number >= 0, or off \(got 'abc'\)"),
         ("/set colour red", "unknown setting 'colour'"),
         ("/set seed 7", "seed 7"),
         ("/set budget 1024", "thinking budget 1024 tokens"),
