@@ -44,7 +44,8 @@ def test_demo_is_described_exactly():
     assert info["disk_bytes"] == sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir())
     assert (info["capability"], info["context_length"], info["quantization"]) == ("hybrid", 2048,
                                                                                   None)
-    assert (info["layers"], info["hidden_size"], info["kind"]) == (4, 96, "dense")
+    assert (info["layers"], info["hidden_size"], info["kind"]) == (
+        cfg["num_hidden_layers"], cfg["hidden_size"], "dense")  # the config's, as retrained
 
 
 def test_text_output_names_every_field():
@@ -53,7 +54,8 @@ def test_text_output_names_every_field():
     for label in ("architecture", "layers", "attention", "thinking", "context", "quantization",
                   "parameters", "on disk", "memory"):  # fmt: skip
         assert any(line.startswith(label) for line in result.stdout.splitlines()), label
-    assert "2,048 tokens" in result.stdout and "0.5M" in result.stdout
+    n = sum(numels(DEMO_MODEL_DIR).values())  # counted from the file: 0.9M since the retrain
+    assert "2,048 tokens" in result.stdout and f"{n / 1e6:.1f}M" in result.stdout
 
 
 def test_moe_folder_counts_active_parameters(tmp_path):
