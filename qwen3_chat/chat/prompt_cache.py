@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from qwen3_chat.engine.generate import cache_offset, rewind
+from qwen3_chat.engine.generate import cache_offset
+from qwen3_chat.models.cache import Snapshots
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -28,6 +29,9 @@ class PromptCache:
         self._make_cache = make_cache
         self.layers: list[Any] | None = None  # created on first use
         self.ids: list[int] = []  # the token ids whose keys/values the layers hold
+        # Where the layers can go back to besides trimming: a hybrid model's linear layers
+        # fold every token into their state, so they return to snapshots instead.
+        self.snapshots = Snapshots()
 
     def prepare(self, ids: Sequence[int]) -> int:
         """Rewind to where `ids` diverges from what is held; returns the tokens reused.
@@ -36,13 +40,19 @@ class PromptCache:
         """
         if self.layers is None:
             self.layers, self.ids = self._make_cache(), []
+        self.snapshots.collect(self.layers)
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)
-        rewind(self.layers, keep)
+        keep = self.snapshots.rewind(self.layers, keep)  # may land before, at a snapshot
         self.ids = list(ids[:keep])
+        # Points to come back to: here, and before the prompt's last token (the next turn,
+        # /retry and /undo resume there: the last token's logits start the reply).
+        self.snapshots.add(self.layers)
+        self.snapshots.request(self.layers, len(ids) - 1)
         return keep
 
     def finished(self, prompt: Sequence[int], generated: Sequence[int]) -> None:
         """After a complete reply the layers hold the prompt and every token fed back."""
+        self.snapshots.collect(self.layers or [])
         held = cache_offset(self.layers or [])
         self.ids = [*prompt, *generated][:held]
 
@@ -51,7 +61,7 @@ class PromptCache:
         keep only the part of the prompt surely there; returns how much that is."""
         if self.layers is None:
             return 0
-        keep = min(len(prompt), cache_offset(self.layers))
-        rewind(self.layers, keep)
+        self.snapshots.collect(self.layers)
+        keep = self.snapshots.rewind(self.layers, min(len(prompt), cache_offset(self.layers)))
         self.ids = list(prompt[:keep])
         return keep
