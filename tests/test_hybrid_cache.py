@@ -37,7 +37,7 @@ def fresh(model, ids):
 @pytest.mark.parametrize("at, step", [(50, 32), (45, None), (40, 32)])
 def test_requested_snapshot_is_taken_at_a_chunk_end_or_inside_a_chunk(model, at, step):
     cache, snaps = model.make_cache(), Snapshots()
-    snaps.request(cache, at)
+    snaps.request(cache, [at])
     feed(model, cache, IDS[:50], step=step)  # a prefill of 50, in one call or in chunks
     for t in IDS[50:55]:  # decode steps move on
         model(mx.array([[t]]), cache=cache)

@@ -63,6 +63,23 @@ def test_turn_two_prefills_after_the_snapshot_and_matches_from_scratch(hybrid_ch
     assert first.token_ids  # the model did answer turn 1
 
 
+def test_without_thinking_turn_two_resumes_after_the_last_message(hybrid_chat):
+    """The non-thinking prompt ends in an empty think block that the history drops, so
+    the usable snapshot is the one just after turn 1's last <|im_end|>."""
+    model, tok = hybrid_chat
+    s = session(hybrid_chat, thinking=False)
+    finished(s.send("Hello there"))
+    prompt1 = s.render(False, s.messages[:1])
+    second = finished(s.send("And again?"))
+    prompt2 = s.render(False, s.messages[:3])
+    boundary = max(i for i, t in enumerate(prompt1) if t == tok.im_end_id) + 1
+    assert prompt2[:boundary] == prompt1[:boundary] and prompt2[: len(prompt1)] != prompt1
+    assert second.stats.prefill_tokens == len(prompt2) - boundary
+    fresh = session(hybrid_chat, thinking=False)
+    fresh.load_messages(s.messages[:2])
+    assert finished(fresh.send("And again?")).token_ids == second.token_ids
+
+
 def test_retry_and_undo_then_resend_reproduce_the_greedy_answer(hybrid_chat):
     s = session(hybrid_chat, thinking=False)
     a = finished(s.send("one"))

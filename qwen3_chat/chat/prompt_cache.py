@@ -25,8 +25,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PromptCache:
-    def __init__(self, make_cache: Callable[[], list[Any]]):
+    def __init__(self, make_cache: Callable[[], list[Any]], boundary_token: int | None = None):
         self._make_cache = make_cache
+        # The token that ends a message (<|im_end|>): the next turn re-renders everything up
+        # to the last one unchanged, so a snapshot just after it is always reusable.
+        self.boundary_token = boundary_token
         self.layers: list[Any] | None = None  # created on first use
         self.ids: list[int] = []  # the token ids whose keys/values the layers hold
         # Where the layers can go back to besides trimming: a hybrid model's linear layers
@@ -44,10 +47,11 @@ class PromptCache:
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)
         keep = self.snapshots.rewind(self.layers, keep)  # may land before, at a snapshot
         self.ids = list(ids[:keep])
-        # Points to come back to: here, and before the prompt's last token (the next turn,
-        # /retry and /undo resume there: the last token's logits start the reply).
+        # Points to come back to: here, after the last message, and before the prompt's last
+        # token (/retry and a resend resume there: the last token's logits start the reply).
         self.snapshots.add(self.layers)
-        self.snapshots.request(self.layers, len(ids) - 1)
+        ends = [i + 1 for i, t in enumerate(ids) if t == self.boundary_token]
+        self.snapshots.request(self.layers, [*ends[-1:], len(ids) - 1])
         return keep
 
     def finished(self, prompt: Sequence[int], generated: Sequence[int]) -> None:

@@ -93,7 +93,7 @@ class ChatSession:
             self.sampling_for(mode)  # fail now, by name, on a bad setting
         self._messages: list[dict[str, Any]] = []
         self.last_stats: GenerationStats | None = None
-        self._cache = PromptCache(model.make_cache)
+        self._cache = PromptCache(model.make_cache, getattr(tokenizer, "im_end_id", None))
         self._turn: Turn | None = None
         # The REPL asks for context_used after every reply: answered from the last count
         # while the conversation is unchanged.

@@ -3,6 +3,7 @@ conv + recurrent state of linear (Gated DeltaNet) layers (snapshots, not trim)."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -89,28 +90,25 @@ class LinearCache:
         self.recurrent: mx.array | None = None  # [B, heads, Dk, Dv], float32
         self.offset = 0
         self._previous: LinearSnapshot | None = None
-        # Asked for, the state after `snapshot_at` tokens is kept as `marked` (even inside a
-        # prefill chunk: the layer splits its work there), for a later turn to resume from.
-        self.snapshot_at: int | None = None
-        self.marked: LinearSnapshot | None = None
+        # Asked for, the state after each offset in `snapshot_at` is kept in `marked` (even
+        # inside a prefill chunk: the layer splits its work there), for a later turn.
+        self.snapshot_at: tuple[int, ...] = ()
+        self.marked: dict[int, LinearSnapshot] = {}
 
-    def split_for_snapshot(self, tokens: int) -> int | None:
-        """Where inside an update of `tokens` a requested snapshot falls (1..tokens-1)."""
-        if self.snapshot_at is None:
-            return None
-        k = self.snapshot_at - self.offset
-        return k if 0 < k < tokens else None
+    def splits_for_snapshots(self, tokens: int) -> list[int]:
+        """Where inside an update of `tokens` requested snapshots fall (1..tokens-1)."""
+        return sorted(o - self.offset for o in self.snapshot_at if 0 < o - self.offset < tokens)
 
     def mark(self, conv: mx.array, recurrent: mx.array, tokens: int) -> None:
-        """The state `tokens` into the update now being made (see split_for_snapshot)."""
-        self.marked = LinearSnapshot(self.offset + tokens, conv, recurrent)
+        """The state `tokens` into the update now being made (see splits_for_snapshots)."""
+        self.marked[self.offset + tokens] = LinearSnapshot(self.offset + tokens, conv, recurrent)
 
     def update(self, conv: mx.array, recurrent: mx.array, tokens: int) -> None:
         self._previous = self.snapshot()
         self.conv, self.recurrent = conv, recurrent
         self.offset += tokens
-        if self.offset == self.snapshot_at:
-            self.marked = self.snapshot()
+        if self.offset in self.snapshot_at:
+            self.marked[self.offset] = self.snapshot()
 
     def snapshot(self) -> LinearSnapshot:
         return LinearSnapshot(self.offset, self.conv, self.recurrent)
@@ -165,9 +163,10 @@ class Snapshots:
     are dropped, so every point kept is a prefix of what the cache holds.
     """
 
-    # Two points a turn (where its prefill starts, before its last prompt token) cover the
-    # last two turns: next turn, /retry, /undo. A 27B-class model's point is ~150 MB.
-    max_count: int = 4
+    # Three points a turn (where its prefill starts, the end of its last message, before its
+    # last prompt token) cover the last two turns: next turn, /retry, /undo. A 27B-class
+    # model's point is ~150 MB.
+    max_count: int = 6
     max_bytes: int = 1024**3
     points: list[tuple[int, list[LinearSnapshot | None]]] = field(default_factory=list)
 
@@ -180,24 +179,27 @@ class Snapshots:
         snaps = [c.snapshot() if isinstance(c, LinearCache) else None for c in cache]
         self._keep(min(c.offset for c in cache), snaps)
 
-    def request(self, cache: list[LayerCache], offset: int) -> None:
-        """Have the linear layers keep their state after `offset` tokens (see collect)."""
+    def request(self, cache: list[LayerCache], offsets: Sequence[int]) -> None:
+        """Have the linear layers keep their state after each of `offsets` tokens."""
         for c in cache:
             if isinstance(c, LinearCache):
-                c.snapshot_at, c.marked = offset, None
+                c.snapshot_at, c.marked = tuple(offsets), {}
 
     def collect(self, cache: list[LayerCache]) -> None:
-        """Keep the requested state if every linear layer reached it."""
+        """Keep each requested state every linear layer reached (and still holds)."""
         linear = [c for c in cache if isinstance(c, LinearCache)]
         marks = [c.marked for c in linear]
         for c in linear:
-            c.snapshot_at, c.marked = None, None
-        if not linear or any(m is None for m in marks):
+            c.snapshot_at, c.marked = (), {}
+        if not linear:
             return
-        offset = marks[0].offset  # type: ignore[union-attr]
-        if all(m.offset == offset for m in marks) and offset <= min(c.offset for c in cache):
-            it = iter(marks)
-            self._keep(offset, [next(it) if isinstance(c, LinearCache) else None for c in cache])
+        held = min(c.offset for c in cache)
+        for offset in sorted(set.intersection(*(set(m) for m in marks))):
+            if offset <= held:
+                it = iter(m[offset] for m in marks)
+                self._keep(
+                    offset, [next(it) if isinstance(c, LinearCache) else None for c in cache]
+                )
 
     def _keep(self, offset: int, snaps: list[LinearSnapshot | None]) -> None:
         if not any(isinstance(s, LinearSnapshot) for s in snaps):

@@ -120,16 +120,17 @@ class GatedDeltaNet(nn.Module):
             a.astype(mx.float32) + self.dt_bias.astype(mx.float32)
         )
         state = cache.recurrent if cache is not None else None
-        split = cache.split_for_snapshot(s) if cache is not None else None
-        if split is None:
-            out, state = gated_delta(q, k, v, g, beta, state)
-        else:  # a snapshot is wanted inside this chunk: run up to it, keep it, go on
-            first, state = gated_delta(q[:, :split], k[:, :split], v[:, :split],
-                                       g[:, :split], beta[:, :split], state)  # fmt: skip
-            cache.mark(window[:, split : split + self.kernel - 1], state, split)  # type: ignore[union-attr]
-            rest, state = gated_delta(q[:, split:], k[:, split:], v[:, split:],
-                                      g[:, split:], beta[:, split:], state)  # fmt: skip
-            out = mx.concatenate([first, rest], axis=1)
+        # Requested snapshots inside this chunk: run the rule up to each, keep it, go on.
+        splits = cache.splits_for_snapshots(s) if cache is not None else []
+        bounds = [0, *splits, s]
+        outs = []
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            part, state = gated_delta(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], g[:, lo:hi],
+                                      beta[:, lo:hi], state)  # fmt: skip
+            outs.append(part)
+            if hi < s:
+                cache.mark(window[:, hi : hi + self.kernel - 1], state, hi)  # type: ignore[union-attr]
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
         if cache is not None:
             cache.update(window[:, -(self.kernel - 1) :], state, s)
         out = self.norm(out, z)
