@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -71,6 +72,25 @@ def _owned(key: str, layers: range, first: bool, last: bool, tied: bool) -> bool
     return False  # anything else (e.g. a multi-token-prediction head) no rank needs
 
 
+def fill_weights(model: nn.Module, config: Any, weights: dict[str, mx.array], where: str, *,
+                 bits: int | None, dtype: mx.Dtype | None) -> None:  # fmt: skip
+    """Load this rank's (already pruned or sliced) tensors into `model`, in the compute dtype,
+    then quantize on load if asked; a mismatch is one ModelLoadError naming the rank."""
+    if config.quantization:
+        apply_quantization_config(model, config.quantization, weights)
+    compute = dtype or default_dtype()
+    try:
+        model.load_weights(
+            [(k, v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v)
+             for k, v in weights.items()],
+            strict=True,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+    if bits is not None:
+        quantize_model(model, bits)
+
+
 def load_stage(
     path: str | Path, rank: int, size: int, *, bits: int | None = None,
     dtype: mx.Dtype | None = None,
@@ -99,20 +119,8 @@ def load_stage(
         inner.pop("norm")
         if "lm_head" in model:
             model.pop("lm_head")
-    if config.quantization:
-        apply_quantization_config(model, config.quantization, weights)
-    compute = dtype or default_dtype()
-    try:
-        model.load_weights(
-            [(k, v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v)
-             for k, v in weights.items()],
-            strict=True,
-        )  # fmt: skip
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: rank {rank}: {e}") from None
+    fill_weights(model, config, weights, f"{path}: rank {rank}", bits=bits, dtype=dtype)
     del weights
-    if bits is not None:
-        quantize_model(model, bits)
     for i in layers:  # layer by layer keeps peak memory near the final size
         mx.eval(inner.layers[i].parameters())
     mx.eval(model.parameters())

@@ -17,14 +17,13 @@ import mlx.nn as nn
 
 from qwen3_chat.distributed.group import HEADER_SIZE, Header, PipelineError
 from qwen3_chat.distributed.pipeline import PipelineModel
-from qwen3_chat.distributed.stage import Stage
+from qwen3_chat.distributed.stage import Stage, fill_weights
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.files import read_json
 from qwen3_chat.models import AnyConfig, build_model, config_from_dict
 from qwen3_chat.models.cache import KVCache
 from qwen3_chat.models.hybrid_config import HybridConfig
-from qwen3_chat.weights.loader import default_dtype, read_weights
-from qwen3_chat.weights.quantize import apply_quantization_config, quantize_model
+from qwen3_chat.weights.loader import read_weights
 
 # Modules split by output rows (heads, MLP columns) and by input columns (what follows them).
 ROW_SPLIT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "gate_proj", "up_proj")
@@ -123,20 +122,8 @@ def load_tensor_stage(path: str | Path, group: Any, *, bits: int | None = None,
         if "lm_head" in model:
             model.pop("lm_head")
     weights = {k: _slice(k, v, rank, size) for k, v in weights.items()}
-    if config.quantization:
-        apply_quantization_config(model, config.quantization, weights)
-    compute = dtype or default_dtype()
-    try:
-        model.load_weights(
-            [(k, v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v)
-             for k, v in weights.items()],
-            strict=True,
-        )  # fmt: skip
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: rank {rank}: {e}") from None
+    fill_weights(model, config, weights, f"{path}: rank {rank}", bits=bits, dtype=dtype)
     del weights
-    if bits is not None:
-        quantize_model(model, bits)
     for layer in model.model.layers:
         mx.eval(layer.parameters())  # layer by layer keeps peak memory near the final size
         layer.self_attn.o_proj = AllSum(layer.self_attn.o_proj, group)
