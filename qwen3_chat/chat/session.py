@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from qwen3_chat.chat.prompt_cache import PromptCache
+from qwen3_chat.chat.template_args import check_template_kwargs
 from qwen3_chat.chat.turn import Turn, check_int, check_message, check_text
 from qwen3_chat.engine.defaults import (
     ALWAYS,
@@ -67,6 +68,7 @@ class ChatSession:
         context_length: int | None = None,
         sampling_overrides: dict[str, Any] | None = None,
         mode_sampling: dict[str, dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ):
         if capability not in CAPABILITIES:
             raise SettingsError(f"capability must be one of {', '.join(CAPABILITIES)}, "
@@ -89,6 +91,7 @@ class ChatSession:
         # defaults themselves per mode ("thinking" / "non_thinking", e.g. from models.toml).
         self.sampling_overrides = dict(sampling_overrides or {})
         self.mode_sampling = {k: dict(v) for k, v in (mode_sampling or {}).items()}
+        self.template_kwargs = template_kwargs  # switches such as preserve_thinking
         for mode in (True, False):
             self.sampling_for(mode)  # fail now, by name, on a bad setting
         self._messages: list[dict[str, Any]] = []
@@ -109,6 +112,14 @@ class ChatSession:
     @system.setter
     def system(self, text: str | None) -> None:
         self._system = check_text("system", text, optional=True) or None
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        return dict(self._template_kwargs)  # a copy: assign a new dict, which is checked
+
+    @template_kwargs.setter
+    def template_kwargs(self, value: dict[str, Any] | None) -> None:
+        self._template_kwargs = check_template_kwargs(value)
 
     def set_system(self, text: str | None) -> None:
         """Set or (with None or "") remove the system prompt; it applies from the next turn."""
@@ -190,7 +201,7 @@ class ChatSession:
         """Token ids of the conversation plus the assistant header for the next reply."""
         conv = self._conversation(self._messages if messages is None else messages)
         text = self.tokenizer.apply_chat_template(
-            conv, add_generation_prompt=True, enable_thinking=thinking
+            conv, add_generation_prompt=True, enable_thinking=thinking, **self._template_kwargs
         )
         return self.tokenizer.encode_chat(text)  # turn N encodes only its new messages
 
@@ -200,8 +211,11 @@ class ChatSession:
         if not conv:
             return 0
         key = tuple((m["role"], m["content"], m.get("reasoning_content")) for m in conv)
+        key += tuple(sorted(self._template_kwargs.items()))
         if key != self._context_memo[0]:
-            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
+            text = self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=False, **self._template_kwargs
+            )
             self._context_memo = (key, len(self.tokenizer.encode_chat(text)))
         return self._context_memo[1]
 
@@ -373,6 +387,7 @@ class ChatSession:
             "context_length": self._context_arg,
             "sampling_overrides": dict(self.sampling_overrides),
             "mode_sampling": {k: dict(v) for k, v in self.mode_sampling.items()},
+            "template_kwargs": self.template_kwargs,
             "messages": [dict(m) for m in self._messages],
         }
 
@@ -393,6 +408,7 @@ class ChatSession:
                 context_length=d.get("context_length"),
                 sampling_overrides=dict(d.get("sampling_overrides") or {}),
                 mode_sampling={k: dict(v) for k, v in (d.get("mode_sampling") or {}).items()},
+                template_kwargs=d.get("template_kwargs"),
             )
             messages = d["messages"]
             if not isinstance(messages, list):

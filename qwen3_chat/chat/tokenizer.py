@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -102,6 +102,21 @@ class _TemplateNamespace(Namespace):
 
 @lru_cache(maxsize=8)
 def _compile(source: str) -> Any:
+    return _environment().from_string(source)
+
+
+@lru_cache(maxsize=8)
+def template_variables(source: str) -> frozenset[str]:
+    """The names a template reads from its caller (e.g. preserve_thinking): a switch it never
+    reads does nothing, which the CLI tells the user."""
+    try:
+        return frozenset(meta.find_undeclared_variables(_environment().parse(source)))
+    except TemplateError as e:
+        raise TokenizerError(f"chat template: {e}") from None
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
     # Templates come from downloaded folders: untrusted code, hence the immutable sandbox.
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
@@ -111,7 +126,7 @@ def _compile(source: str) -> Any:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(source)
+    return env
 
 
 def _plain(value: Any) -> Any:

@@ -216,11 +216,14 @@ def chat(
         help="Speculative decoding (exact: the same output, faster when drafts are right)."),
     draft: str | None = typer.Option(None, "--draft", metavar="MODEL",
         help="Draft model for --speculate draft (sharing the tokenizer)."),
+    template_args: list[str] | None = typer.Option(None, "--template-arg", metavar="NAME=VALUE",
+        help="A switch of the model's chat template, e.g. preserve_thinking=true (repeatable)."),
 ) -> None:
     """Chat with a model: a REPL in a terminal, one answer when PROMPT or stdin is given."""
     check_bits_option(bits)
     overrides = _overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                            presence_penalty=presence_penalty, seed=seed)  # fmt: skip
+    template_kwargs = _template_kwargs(template_args or [])
     from qwen3_chat.engine.speculative import SpeculationError, make_speculation
 
     try:
@@ -248,6 +251,7 @@ def chat(
     loaded = cli_hosts.open_chat_model(model_name or default_model_name(), bits=bits,
                                        hosts=hosts, parallel=parallel, backend=backend)
     _warn_unhonoured(think, loaded.name, loaded.capability)
+    warn_ignored_template_args(loaded.tokenizer, template_kwargs)
     thinking = (loaded.capability != NEVER) if think is None else think
     session = ChatSession(
         loaded.model, loaded.tokenizer, system=system,
@@ -257,6 +261,7 @@ def chat(
         sampling_overrides=overrides,
         mode_sampling=loaded.mode_sampling,
         context_length=loaded.context_length,
+        template_kwargs=template_kwargs,
     )  # fmt: skip
     if speculation is not None and speculation.method == "draft":
         d = cli_hosts.open_chat_model(draft, bits=bits)
@@ -279,6 +284,25 @@ def chat(
     from qwen3_chat.cli.oneshot import one_shot
 
     one_shot(session, loaded.name, text, show_thinking=show_thinking, output=output)
+
+
+def _template_kwargs(args: list[str]) -> dict[str, Any]:
+    """--template-arg NAME=VALUE, each checked before any model loads (a usage error)."""
+    from qwen3_chat.chat.template_args import parse_template_arg
+
+    try:
+        return dict(parse_template_arg(a) for a in args)
+    except Qwen3ChatError as e:
+        raise usage_exit(str(e)) from None
+
+
+def warn_ignored_template_args(tokenizer: Any, names: Any) -> None:
+    """A switch the template never reads does nothing: say so, once per name."""
+    from qwen3_chat.chat.template_args import ignored_by_template
+    from qwen3_chat.cli.settings import template_arg_warning
+
+    for name in ignored_by_template(tokenizer, names):
+        typer.echo(template_arg_warning(name), err=True)
 
 
 def _warn_unhonoured(think: bool | None, name: str, capability: str) -> None:

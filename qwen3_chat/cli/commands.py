@@ -34,8 +34,8 @@ COMMANDS: dict[str, str] = {
     "/no_think": "/no_think [TEXT]: thinking mode off (also /nothink)",
     "/nothink": "same as /no_think",
     "/budget": "/budget N|off: most reasoning tokens per answer",
-    "/set": "/set NAME VALUE: " + ", ".join(settings.SETTINGS) + " (VALUE default: back "
-            "to the default)",
+    "/set": "/set NAME VALUE: " + ", ".join(settings.SETTINGS) + ", template.NAME (VALUE "
+            "default: back to the default)",
     "/settings": "model, mode, sampling per mode, limits, system prompt (also /set alone)",
     "/system": "/system TEXT: set the system prompt (empty: remove it)",
     "/file": "/file PATH: attach a UTF-8 text file to the next message",
@@ -116,12 +116,24 @@ def _set(repl: Repl, arg: str) -> None:
         _settings(repl, arg)
         return
     name, _, value = arg.partition(" ")
+    if name.lower().startswith(settings.TEMPLATE_PREFIX):
+        _set_template(repl, name, value)
+        return
     name, parsed = settings.parse_setting(name, value)
     settings.apply_setting(repl.session, name, parsed)
     if name == "budget":
         repl.say("thinking budget off" if parsed is None else f"thinking budget {parsed} tokens")
     else:
         repl.say(f"{name} {parsed}" if parsed is not None else f"{name} back to the default")
+
+
+def _set_template(repl: Repl, name: str, value: str) -> None:
+    from qwen3_chat.chat.template_args import ignored_by_template
+
+    name, parsed = settings.set_template_arg(repl.session, name, value)
+    if parsed is not None and ignored_by_template(repl.session.tokenizer, [name]):
+        repl.say(settings.template_arg_warning(name), "yellow")
+    repl.say(f"template {name} {parsed}" if parsed is not None else f"template {name} unset")
 
 
 def _settings(repl: Repl, arg: str) -> None:

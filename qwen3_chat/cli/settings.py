@@ -26,6 +26,7 @@ ALIASES = {"temp": "temperature", "max-tokens": "max_tokens"}
 UNSET = ("default", "off", "none")  # /set NAME default: back to the mode's default
 MODES = {THINKING: True, NON_THINKING: False}
 MESSAGE_FLAGS = ("interrupted", "truncated")
+TEMPLATE_PREFIX = "template."  # /set template.NAME VALUE: a switch of the chat template
 
 
 def _is_int(value: Any) -> bool:
@@ -100,6 +101,27 @@ def apply_setting(session: Any, name: str, value: Any) -> None:
             raise
 
 
+def set_template_arg(session: Any, name: str, text: str) -> tuple[str, Any]:
+    """`/set template.NAME VALUE` on the session -> (NAME, value); `default`/`off` removes
+    it. The session checks the name and the value; a refused one changes nothing."""
+    from qwen3_chat.chat.template_args import parse_value
+
+    name, text = name[len(TEMPLATE_PREFIX):], text.strip()
+    if not text:
+        raise Qwen3ChatError(f"usage: /set {TEMPLATE_PREFIX}{name or 'NAME'} VALUE")
+    args = {k: v for k, v in session.template_kwargs.items() if k != name}
+    value = None if text.lower() in UNSET else parse_value(text)
+    if value is not None:
+        args[name] = value
+    session.template_kwargs = args
+    return name, value
+
+
+def template_arg_warning(name: str) -> str:
+    """Said when the user sets a switch the model's template never reads (CLI and REPL)."""
+    return f"warning: this model's chat template does not use {name}; it has no effect"
+
+
 def _check_knobs(where: str, knobs: Any) -> None:
     if not isinstance(knobs, dict):
         raise Qwen3ChatError(f"{where} must be a table of sampling settings")
@@ -147,5 +169,8 @@ def describe(session: Any, model_name: str) -> list[tuple[str, str]]:
     budget = "off" if session.budget is None else f"{session.budget} tokens"
     rows.append(("limits", f"max_tokens {session.max_tokens} · budget {budget} · context "
                            f"{session.context_used}/{session.context_length}"))  # fmt: skip
+    if session.template_kwargs:
+        rows.append(("template", " · ".join(f"{k} {v}" for k, v in
+                                            session.template_kwargs.items())))  # fmt: skip
     rows.append(("system prompt", session.system or "(none)"))
     return rows
