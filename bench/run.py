@@ -2,6 +2,7 @@
 
     python bench/run.py --quick            # reduced shapes, < 5 minutes on a 2-core CPU
     python bench/run.py                    # CPU: fuller runs; GPU: real 0.6B / 4B / 30B-A3B shapes
+    python bench/run.py --hybrid           # Qwen3.5-4B- / Qwen3.6-35B-A3B-like (bench/hybrid.py)
 
 Random weights in real Qwen3 shapes (the real 151936 vocab) are built once, quantized, and
 shared by both engines (the same arrays). Runs of the two engines are interleaved and
@@ -138,6 +139,21 @@ def interleaved(reps: int, fns: dict) -> dict[str, list[dict]]:
     return out
 
 
+def both(ours, ref, tok, hf_tok, prompt, n: int, processors, reps: int) -> dict[str, list[dict]]:
+    """Interleaved runs of both engines generating `n` tokens after `prompt`."""
+    return interleaved(reps, {
+        "ours": lambda: run_ours(ours, tok, prompt, n, processors),
+        "mlx_lm": lambda: run_mlx_lm(ref, hf_tok, prompt, n, processors)})  # fmt: skip
+
+
+def add_decode(row: dict, runs: dict[str, list[dict]], peak: str = "decode_peak_gb") -> None:
+    """Decode medians of both engines into `row` (tokens too: equal lengths show fairness)."""
+    for eng in runs:
+        row[f"decode_tps_{eng}"] = med(runs[eng], "decode_tps")
+        row[f"{peak}_{eng}"] = med(runs[eng], "peak_gb")
+        row[f"decode_tokens_{eng}"] = runs[eng][0]["tokens"]
+
+
 def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -255,21 +271,14 @@ def bench_shape(shape: Shape, bits: int, args, tok, hf_tok, dtype) -> dict:
     row: dict = {"shape": shape.name, "bits": bits}
     for n_prompt in args.prefill:
         prompt = mx.random.randint(0, 150000, (n_prompt,), key=rng).tolist()
-        runs = interleaved(args.reps, {
-            "ours": lambda p=prompt: run_ours(ours, tok, p, 2, processors),
-            "mlx_lm": lambda p=prompt: run_mlx_lm(ref, hf_tok, p, 2, processors)})  # fmt: skip
+        runs = both(ours, ref, tok, hf_tok, prompt, 2, processors, args.reps)
         for eng in runs:
             row[f"prefill{n_prompt}_tps_{eng}"] = med(runs[eng], "prefill_tps")
             row[f"ttft{n_prompt}_s_{eng}"] = med(runs[eng], "ttft")
             row[f"peak{n_prompt}_gb_{eng}"] = med(runs[eng], "peak_gb")
     prompt = mx.random.randint(0, 150000, (32,), key=rng).tolist()
-    runs = interleaved(args.reps, {
-        "ours": lambda: run_ours(ours, tok, prompt, args.decode, processors),
-        "mlx_lm": lambda: run_mlx_lm(ref, hf_tok, prompt, args.decode, processors)})  # fmt: skip
-    for eng in runs:
-        row[f"decode_tps_{eng}"] = med(runs[eng], "decode_tps")
-        row[f"decode_peak_gb_{eng}"] = med(runs[eng], "peak_gb")
-        row[f"decode_tokens_{eng}"] = runs[eng][0]["tokens"]
+    runs = both(ours, ref, tok, hf_tok, prompt, args.decode, processors, args.reps)
+    add_decode(row, runs)
     kt = kernel_time(ours, max(args.reps * 3, 5))
     row["kernel_step_ms"] = kt * 1e3
     row["decode_overhead"] = (1 / row["decode_tps_ours"]) / kt
@@ -321,10 +330,17 @@ def table(rows: list[dict], args, bandwidth: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced sizes: < 5 min on 2 CPU cores")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="Qwen3.5/3.6-like hybrid shapes instead (bench/hybrid.py, its options)")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--bits", type=int, nargs="+", default=None)
     ap.add_argument("--reps", type=int, default=None)
+    if "--hybrid" in sys.argv[1:]:
+        import hybrid  # bench/ is the script's folder, so first on sys.path
+
+        sys.argv.remove("--hybrid")
+        return hybrid.main()
     args = ap.parse_args()
     gpu = mx.default_device() == mx.gpu
     if not (args.tokenizer / "tokenizer.json").exists():
