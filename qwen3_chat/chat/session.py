@@ -39,6 +39,7 @@ from qwen3_chat.engine.generate import stream_generate
 from qwen3_chat.engine.phase import ThinkPhase
 from qwen3_chat.engine.sampling import SamplingParams
 from qwen3_chat.errors import Qwen3ChatError, SettingsError
+from qwen3_chat.models.cache import Snapshots
 
 SAVE_VERSION = 1
 
@@ -177,6 +178,11 @@ class ChatSession:
         if switch is not None:
             return switch
         return self.thinking and self.budget != 0  # a zero budget means non-thinking mode
+
+    @property
+    def snapshots(self) -> Snapshots:
+        """A hybrid model's rewind points (none for attention-only models), for /stats."""
+        return self._cache.snapshots
 
     # -- the conversation --------------------------------------------------------------
     @property

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
@@ -19,6 +19,7 @@ from rich.text import Text
 from qwen3_chat.cli import clipboard, settings
 from qwen3_chat.cli.attachments import read_attachments
 from qwen3_chat.cli.conversations import ConversationStore, write_private_json
+from qwen3_chat.cli.models import human_size
 from qwen3_chat.cli.render import count_tokens, reasoning_panel, speculation_line, stats_line
 from qwen3_chat.cli.terminal import sanitize
 from qwen3_chat.engine.defaults import allows_thinking
@@ -230,6 +231,15 @@ def _copy(repl: Repl, arg: str) -> None:
     repl.say(f"copied {len(text)} characters via {', '.join(used)}{note}")
 
 
+def snapshot_line(snapshots: Any) -> str | None:
+    """/stats on a hybrid model: the rewind points kept and their memory (None without)."""
+    if not snapshots.points:
+        return None
+    at = ", ".join(str(offset) for offset, _ in snapshots.points)
+    return (f"snapshots: {len(snapshots.points)} of at most {snapshots.max_count} · "
+            f"{human_size(snapshots.nbytes)} · at tokens {at}")  # fmt: skip
+
+
 def _stats(repl: Repl, arg: str) -> None:
     st = repl.session.last_stats
     if st is None:
@@ -240,6 +250,8 @@ def _stats(repl: Repl, arg: str) -> None:
     repl.say(f"prefill {st.prefill_tokens} tokens at {st.prefill_tps:.0f} tok/s · peak "
              f"memory {st.peak_memory_gb:.2f} GB · finish {st.finish_reason}"
              + (" · budget hit" if st.budget_hit else ""), "dim")  # fmt: skip
+    if (line := snapshot_line(repl.session.snapshots)) is not None:
+        repl.say(line, "dim")
 
 
 def _save(repl: Repl, arg: str) -> None:

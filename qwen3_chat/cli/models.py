@@ -14,7 +14,8 @@ from qwen3_chat.files import missing_folder
 from qwen3_chat.models.config import DEFAULT_BITS, QUANT_BITS, check_bits
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+    """Bytes in the largest unit below 1024 of it (qwen3 models, /stats)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
@@ -47,8 +48,8 @@ def download(
 
 def _on_disk(row: Any) -> str:
     if row.built_in:
-        return f"built in ({_size(row.copies[0].size)})"
-    return ", ".join(f"{c.bits}-bit {_size(c.size)} at {c.path}" for c in row.copies) or "-"
+        return f"built in ({human_size(row.copies[0].size)})"
+    return ", ".join(f"{c.bits}-bit {human_size(c.size)} at {c.path}" for c in row.copies) or "-"
 
 
 def models() -> None:

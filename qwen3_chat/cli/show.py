@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from qwen3_chat.cli.models import _size as size
+from qwen3_chat.cli.models import human_size as size
 from qwen3_chat.cli.usage import BITS_HELP, check_bits_option, usage_exit
 from qwen3_chat.errors import Qwen3ChatError
 
