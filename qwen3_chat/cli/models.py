@@ -53,29 +53,44 @@ def _on_disk(row: Any) -> str:
 
 
 def models() -> None:
-    """List the known models, their size and whether each is downloaded."""
-    from qwen3_chat.hub.inventory import model_rows
+    """List the known models by generation (newest first), their size and whether each is
+    downloaded."""
+    from qwen3_chat.hub.inventory import by_generation, model_rows
 
     header = ("alias", "kind", f"{DEFAULT_BITS}-bit", "thinking", "context", "downloaded")
-    lines = []
-    for row in model_rows():
-        name = f"{row.alias} (default)" if row.default else row.alias
-        gb = f"{row.download_gb:g} GB" if row.download_gb else "-"
-        context = f"{row.context_length // 1024}K" if row.context_length else "-"
-        lines.append((name, row.kind, gb, row.capability, context, _on_disk(row)))
+    groups = [(generation, [_columns(row) for row in rows])
+              for generation, rows in by_generation(model_rows())]  # fmt: skip
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
 
         table = Table(*header, box=None, pad_edge=False)
-        for line in lines:
-            table.add_row(*line)
+        for generation, lines in groups:
+            table.add_row(generation, style="bold")
+            for line in lines:
+                table.add_row(*line)
         Console(soft_wrap=True).print(table)
         return
-    # Piped: plain aligned columns, nothing cut to a terminal width (paths stay whole).
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-    for r in [header, *lines]:
+    # Piped: plain aligned columns, nothing cut to a terminal width (paths stay whole); each
+    # group under a [generation] line, so every model row still starts with its alias.
+    every = [header, *(line for _, lines in groups for line in lines)]
+    widths = [max(len(r[i]) for r in every) for i in range(len(header))]
+
+    def echo(r: tuple[str, ...]) -> None:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+    echo(header)
+    for generation, lines in groups:
+        typer.echo(f"\n[{generation}]")
+        for line in lines:
+            echo(line)
+
+
+def _columns(row: Any) -> tuple[str, ...]:
+    name = f"{row.alias} (default)" if row.default else row.alias
+    gb = f"{row.download_gb:g} GB" if row.download_gb else "-"
+    context = f"{row.context_length // 1024}K" if row.context_length else "-"
+    return (name, row.kind, gb, row.capability, context, _on_disk(row))
 
 
 def rm(

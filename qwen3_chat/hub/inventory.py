@@ -12,7 +12,7 @@ from pathlib import Path
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.files import read_json
 from qwen3_chat.hub.download import cached_repos, converted_dir
-from qwen3_chat.hub.registry import load_registry
+from qwen3_chat.hub.registry import LOCAL_GENERATION, generation_rank, load_registry
 from qwen3_chat.hub.state import converted_folders
 from qwen3_chat.models.config import BITS, DEFAULT_BITS, QUANT_BITS
 
@@ -35,6 +35,7 @@ class ModelRow:
     built_in: bool = False  # shipped with the package (the demo)
     converted_from: Path | None = None  # a `qwen3 convert` output: its source folder
     copies: list[DiskCopy] = field(default_factory=list)
+    generation: str = LOCAL_GENERATION  # models.toml's, or "local" (demo, converted folders)
 
 
 def folder_size(path: Path) -> int:
@@ -79,6 +80,17 @@ def model_rows() -> list[ModelRow]:
             alias=alias, kind=e.kind, download_gb=e.download_gb.get(DEFAULT_BITS),
             capability=e.capability, context_length=e.context_length,
             default=alias == registry.default, built_in=e.local is not None, copies=copies,
+            generation=e.generation,
         ))  # fmt: skip
     rows += [_converted_row(path, info) for path, info in converted_folders().items()]
     return rows
+
+
+def by_generation(rows: list[ModelRow]) -> list[tuple[str, list[ModelRow]]]:
+    """Rows grouped by generation, newest first, the local ones last; models.toml's order
+    within a group."""
+    groups: dict[str, list[ModelRow]] = {}
+    for row in rows:
+        groups.setdefault(row.generation, []).append(row)
+    order = sorted(groups, key=lambda g: (g == LOCAL_GENERATION, [-x for x in generation_rank(g)]))
+    return [(g, groups[g]) for g in order]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ BUILTIN_FILE = Path(__file__).with_name("models.toml")  # a link to the repo's m
 DEMO_ALIAS = "demo"
 KINDS = ("dense", "moe")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty")
+# Entries without a `generation` (the April-2025 ones, most user entries) are Qwen3's first.
+FIRST_GENERATION = "qwen3"
+LOCAL_GENERATION = "local"  # `qwen3 models`: the built-in demo and converted folders
+_GENERATION = re.compile(r"qwen(\d+(?:\.\d+)?)(-[a-z0-9.-]+)?")
 
 
 def user_file() -> Path:
@@ -40,6 +45,7 @@ class ModelEntry:
     capability: str = HYBRID  # one of engine.defaults.CAPABILITIES
     sampling: dict[str, dict[str, float]] = field(default_factory=dict)  # mode -> params
     local: Path | None = None  # shipped inside the package (the demo), never downloaded
+    generation: str = FIRST_GENERATION  # "qwen3", "qwen3-next", "qwen3.5", ...
 
     def repo_for(self, bits: int) -> str | None:
         """The repo to fetch for `bits` (16 = original); None if it must be converted."""
@@ -50,6 +56,8 @@ class ModelEntry:
 class Registry:
     default: str
     entries: dict[str, ModelEntry]
+    # The user's models.toml names the default itself: it wins over the memory-based choice.
+    default_explicit: bool = False
     # A broken user models.toml: reported for every alias but the built-in demo, which
     # needs no registry (so `-m demo` works while the file is being fixed).
     problem: RegistryError | None = None
@@ -64,6 +72,13 @@ class Registry:
         """Raise the user file's problem, if it has one."""
         if self.problem is not None:
             raise self.problem
+
+
+def generation_rank(generation: str) -> tuple[float, int]:
+    """Sort key, newer generations larger: qwen3 < qwen3-next < qwen3.5 < qwen3.6 < qwen3.8;
+    a name in another pattern (a user's own) sorts before them all."""
+    m = _GENERATION.fullmatch(generation)
+    return (float(m.group(1)), 1 if m.group(2) else 0) if m else (-1.0, 0)
 
 
 def _fail(source: Path, where: str, why: str) -> RegistryError:
@@ -122,6 +137,10 @@ def _entry(source: Path, alias: str, raw: Any, sampling: dict) -> ModelEntry:
     kind = raw.get("kind", "dense")
     if kind not in KINDS:
         raise _fail(source, where, f"kind must be dense or moe, not {kind!r}")
+    generation = raw.get("generation", FIRST_GENERATION)
+    if not isinstance(generation, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", generation):
+        raise _fail(source, where, f"generation must be a lowercase name such as qwen3.5, "
+                                   f"not {generation!r}")  # fmt: skip
     context = raw.get("context_length", 32768)
     if not isinstance(context, int) or context <= 0:
         raise _fail(source, where, "context_length must be a positive integer")
@@ -135,6 +154,7 @@ def _entry(source: Path, alias: str, raw: Any, sampling: dict) -> ModelEntry:
         context_length=context,
         capability=capability,
         sampling=_sampling(source, f"{where}.sampling", raw.get("sampling"), sampling),
+        generation=generation,
     )
 
 
@@ -152,7 +172,8 @@ def parse(source: Path, data: dict, base: Registry | None = None) -> Registry:
     default = data.get("default", base.default if base else None)
     if not isinstance(default, str) or (default.lower() not in entries and default != DEMO_ALIAS):
         raise _fail(source, "default", f"names no entry ({default!r})")
-    return Registry(default.lower(), entries)
+    explicit = base is not None and "default" in data  # a user's file that names one
+    return Registry(default.lower(), entries, default_explicit=explicit)
 
 
 def _read(path: Path) -> dict:
@@ -169,7 +190,7 @@ def demo_entry() -> ModelEntry:
     from qwen3_chat.demo import DEMO_MODEL_DIR
 
     return ModelEntry(alias=DEMO_ALIAS, repo="qwen3-chat/demo", context_length=2048,
-                      local=DEMO_MODEL_DIR)  # fmt: skip
+                      local=DEMO_MODEL_DIR, generation=LOCAL_GENERATION)  # fmt: skip
 
 
 def load_registry(builtin: Path = BUILTIN_FILE, user: Path | None = None) -> Registry:
