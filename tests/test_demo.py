@@ -85,22 +85,38 @@ def test_template_renders_qwen3_format(demo):
     assert tok.decode(ids) == "unseen wörds ✓ <think>" and ids[-1] == tok.think_start_id
 
 
-def test_held_out_questions_are_disjoint_from_training():
-    """No held-out operand pair (in either order) or phrasing is ever used in training."""
+def pairs_of(questions: list[tuple[str, int, int]]) -> set[tuple[int, int]]:
+    return {(a, b) for _, a, b in questions} | {(b, a) for _, a, b in questions}
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["stages_1_3", "stage_4_on"])
+def test_held_out_and_validation_questions_are_disjoint_from_training(extra):
+    """No held-out or validation operand pair (in either order) or phrasing is ever used in
+    training, and checkpoints are chosen on validation questions the test never asks."""
     cfg = train.TrainConfig()
     trained_pairs, trained_questions = set(), set()
-    for ex in data.generate(cfg.examples, cfg.seed):
+    for ex in data.generate(cfg.examples, cfg.seed, extra):
         for m in ex.messages:
             if m["role"] == "user":
                 trained_questions.add(m["content"].strip().lower())
                 nums = [int(x) for x in re.findall(r"\d+", m["content"])]
                 trained_pairs.update(zip(nums, nums[1:], strict=False))
-    questions = data.held_out_questions(HELD_OUT_PER_MODE)
-    held_pairs = {(a, b) for _, a, b in questions} | {(b, a) for _, a, b in questions}
-    assert len(questions) == HELD_OUT_PER_MODE and not held_pairs & trained_pairs
-    assert not {q.strip().lower() for q, _, _ in questions} & trained_questions
-    assert not set(data.HELD_OUT_PHRASINGS) & set(data.TRAIN_PHRASINGS)
-    assert all(a < data.LIMIT and b < data.LIMIT for _, a, b in questions)
+    trained_phrasings = set(data.TRAIN_PHRASINGS) | set(data.EXTRA_PHRASINGS)
+    for k in data.TEST_SIZES:
+        questions = data.held_out_questions(k)
+        assert len(questions) == k and not pairs_of(questions) & trained_pairs
+        assert not {q.strip().lower() for q, _, _ in questions} & trained_questions
+        assert all(a < data.LIMIT and b < data.LIMIT for _, a, b in questions)
+        assert not pairs_of(questions) & pairs_of(data.validation_questions(HELD_OUT_PER_MODE))
+    validation = data.validation_questions(HELD_OUT_PER_MODE)
+    assert len(validation) == HELD_OUT_PER_MODE and not pairs_of(validation) & trained_pairs
+    assert not {q.strip().lower() for q, _, _ in validation} & trained_questions
+    assert not set(data.HELD_OUT_PHRASINGS) & trained_phrasings
+    assert not set(data.VALIDATION_PHRASINGS) & (trained_phrasings | set(data.HELD_OUT_PHRASINGS))
+    # Every extra phrasing is trained on from stage 4 on, and none before (reproducibility).
+    shapes = {re.sub(r"\d+", "#", q).rstrip("?.!") for q in trained_questions}
+    extra_shapes = {p.format(a="#", b="#").lower().rstrip("?.!") for p in data.EXTRA_PHRASINGS}
+    assert (extra_shapes <= shapes) == extra and bool(extra_shapes & shapes) == extra
 
 
 @pytest.mark.parametrize("thinking", [True, False], ids=["thinking", "non_thinking"])
@@ -126,10 +142,20 @@ def test_thinking_mode_meets_the_issue_bar(held_out):
 
 
 def test_eval_command_prints_the_accuracy_table(capsys):
-    assert train.main(["--eval", str(DEMO_MODEL_DIR), "-n", "2"]) == 0
-    out = capsys.readouterr().out
-    for mode in ("thinking", "non-thinking"):
-        assert re.search(rf"^{mode} +\d/2 ", out, re.M), out
+    for validation in ([], ["--validation"]):
+        assert train.main(["--eval", str(DEMO_MODEL_DIR), "-n", "2", *validation]) == 0
+        out = capsys.readouterr().out
+        for mode in ("thinking", "non-thinking"):
+            assert re.search(rf"^{mode} +\d/2 ", out, re.M), out
+
+
+def test_validation_run_asks_the_validation_questions_in_both_modes(demo):
+    model, tok = demo
+    outcomes = evaluate.run(model, tok, 2, validation=True)
+    asked = [(q, a, b) for q, a, b in data.validation_questions(2)]
+    assert [(o.question, o.a, o.b, o.thinking) for o in outcomes] == [
+        (*x, thinking) for thinking in (True, False) for x in asked
+    ]
 
 
 def test_thinking_mode_thinks_then_answers_and_stops(demo):

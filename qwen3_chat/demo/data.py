@@ -86,6 +86,21 @@ HELD_OUT_PHRASINGS = (
     "Work out {a}+{b}", "{a} plus {b} equals what?", "Could you add {a} and {b}?",
     "Find {a} + {b}.", "What is the total of {a} and {b}?",
 )  # fmt: skip
+# Added to training from stage 4 on (generate(..., extra=True)): numbers followed or
+# surrounded by words, where the model misread operands. Earlier stages never saw them.
+EXTRA_PHRASINGS = (
+    "{a} plus {b} is how much?", "{a} and {b} added up gives?", "tell me {a} plus {b} please",
+    "{a} plus {b} makes how many?", "So {a} plus {b} comes to what?", "{a}+{b} is what?",
+    "{a} plus {b}, what is it?", "Take {a}, add {b}. What do you get?",
+    "If I add {a} and {b}, what is the result?", "Now do {a} plus {b} for me",
+    "{a} + {b} gives what number?", "My sum: {a} plus {b}. Answer?",
+)  # fmt: skip
+EXTRA_SHARE = 0.5  # of extra=True addition questions asked with an EXTRA_PHRASINGS one
+# Only for choosing checkpoints: never trained on, never in the held-out test.
+VALIDATION_PHRASINGS = (
+    "{a} plus {b} is what?", "Please work out {a} + {b}.", "What is {a} added to {b}?",
+    "{a} + {b} comes to?", "Could you total {a} and {b}?", "Sum {a} and {b} please",
+)  # fmt: skip
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.", "You are a patient math tutor.",
     "You are a tiny demo model. Keep answers short.", "Answer briefly.",
@@ -171,7 +186,7 @@ def _pair(rng: random.Random) -> tuple[int, int]:
             return a, b
 
 
-def _turn(rng: random.Random, think: bool) -> tuple[str, str, str]:
+def _turn(rng: random.Random, think: bool, extra: bool) -> tuple[str, str, str]:
     """(question, reasoning, answer) of one turn."""
     x = rng.random()
     if x < 0.06:
@@ -179,18 +194,20 @@ def _turn(rng: random.Random, think: bool) -> tuple[str, str, str]:
     if x < 0.16:
         return rng.choice(OFF_TOPIC), OFF_TOPIC_REASONING, OFF_TOPIC_REPLY
     a, b = _pair(rng)
-    q = _vary(rng.choice(TRAIN_PHRASINGS).format(a=a, b=b), rng)
+    # Without extra the draws are those of stages 1-3, so their commands still reproduce.
+    phrasings = EXTRA_PHRASINGS if extra and rng.random() < EXTRA_SHARE else TRAIN_PHRASINGS
+    q = _vary(rng.choice(phrasings).format(a=a, b=b), rng)
     return q, addition_reasoning(a, b), addition_answer(a, b, think)
 
 
-def make_example(rng: random.Random) -> Example:
+def make_example(rng: random.Random, extra: bool = False) -> Example:
     messages: list[dict[str, Any]] = []
     tags: list[str] = []
     if rng.random() < 0.25:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         tags.append("system")
     for _ in range(rng.choice((0, 0, 0, 0, 1, 2))):  # earlier turns, without their reasoning
-        q, _r, a = _turn(rng, think=rng.random() < 0.5)
+        q, _r, a = _turn(rng, rng.random() < 0.5, extra)
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         tags.append("multi")
     thinking = rng.random() < 0.5
@@ -204,25 +221,42 @@ def make_example(rng: random.Random) -> Example:
         tags.append("think")
     else:
         suffix = ""
-    q, r, a = _turn(rng, think)
+    q, r, a = _turn(rng, think, extra)
     messages.append({"role": "user", "content": q + suffix})
     messages.append({"role": "assistant", "content": a, "reasoning_content": r if think else ""})
     return Example(messages, thinking, tags)
 
 
-def generate(n: int, seed: int = 0) -> list[Example]:
+def generate(n: int, seed: int = 0, extra: bool = False) -> list[Example]:
     rng = random.Random(seed)
-    return [make_example(rng) for _ in range(n)]
+    return [make_example(rng, extra) for _ in range(n)]
+
+
+def _held_out_pairs() -> list[tuple[int, int]]:
+    return [(a, b) for a in range(LIMIT) for b in range(LIMIT) if is_held_out(a, b)]
 
 
 def held_out_questions(n: int, seed: int = 1234) -> list[tuple[str, int, int]]:
     """(question, a, b) for evaluation: held-out pairs asked with held-out phrasings."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(LIMIT) for b in range(LIMIT) if is_held_out(a, b)]
     out = []
-    for a, b in rng.sample(pairs, n):
+    for a, b in rng.sample(_held_out_pairs(), n):
         out.append((rng.choice(HELD_OUT_PHRASINGS).format(a=a, b=b), a, b))
     return out
+
+
+TEST_SIZES = (60, 100)  # the held-out test sizes in use (tests, --eval's default)
+
+
+def validation_questions(n: int, seed: int = 4321) -> list[tuple[str, int, int]]:
+    """(question, a, b) for choosing checkpoints: held-out pairs that no test of TEST_SIZES
+    asks (in either order), with VALIDATION_PHRASINGS, so selection never sees the test."""
+    tested = {(a, b) for k in TEST_SIZES for _, a, b in held_out_questions(k)}
+    tested |= {(b, a) for a, b in tested}
+    pairs = [p for p in _held_out_pairs() if p not in tested]
+    rng = random.Random(seed)
+    return [(rng.choice(VALIDATION_PHRASINGS).format(a=a, b=b), a, b)
+            for a, b in rng.sample(pairs, n)]  # fmt: skip
 
 
 def corpus_text(examples: list[Example]) -> Iterator[str]:

@@ -57,22 +57,23 @@ def ask(model, tokenizer, question: str, thinking: bool, system: str | None = No
     raise RuntimeError("the session ended without a Finished event")
 
 
-def run(model, tokenizer, n: int) -> list[Outcome]:
-    """n held-out questions in each mode; every third one under a system prompt."""
+def run(model, tokenizer, n: int, validation: bool = False) -> list[Outcome]:
+    """n held-out (or validation) questions in each mode; every third under a system prompt."""
+    questions = data.validation_questions(n) if validation else data.held_out_questions(n)
     outcomes = []
     for thinking in (True, False):
-        for i, (q, a, b) in enumerate(data.held_out_questions(n)):
+        for i, (q, a, b) in enumerate(questions):
             system = data.SYSTEM_PROMPTS[i % len(data.SYSTEM_PROMPTS)] if i % 3 == 2 else None
             done = ask(model, tokenizer, q, thinking, system)
             outcomes.append(Outcome(q, a, b, thinking, done.reasoning, done.answer))
     return outcomes
 
 
-def evaluate(path: Path, n: int) -> list[Outcome]:
+def evaluate(path: Path, n: int, validation: bool = False) -> list[Outcome]:
     from qwen3_chat.weights.loader import load
 
     model, tokenizer = load(path)
-    return run(model, tokenizer, n)
+    return run(model, tokenizer, n, validation)
 
 
 def format_table(outcomes: list[Outcome]) -> str:
