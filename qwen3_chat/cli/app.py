@@ -244,11 +244,10 @@ def chat(
 
     from qwen3_chat.chat.session import ChatSession
     from qwen3_chat.cli.progress import open_with_status
-    from qwen3_chat.hub.open import default_model_name
 
     if model_name is None and resume:  # the conversation's own model, unless -m says otherwise
         model_name = cli_conversations.saved_model(resume)
-    loaded = cli_hosts.open_chat_model(model_name or default_model_name(), bits=bits,
+    loaded = cli_hosts.open_chat_model(model_name or cli_models.default_model(bits), bits=bits,
                                        hosts=hosts, parallel=parallel, backend=backend)
     _warn_unhonoured(think, loaded.name, loaded.capability)
     warn_ignored_template_args(loaded.tokenizer, template_kwargs)

@@ -195,11 +195,11 @@ def check(
 ) -> None:
     """Check every host: reachable, the same qwen3-chat version, the same model folder."""
     check_bits_option(bits)
+    from qwen3_chat.cli.models import default_model
     from qwen3_chat.hub.download import resolve_local
-    from qwen3_chat.hub.open import default_model_name
 
     hosts = read_hostfile(hostfile)
-    name = model_name or default_model_name()
+    name = model_name or default_model(bits)
     found = resolve_local(name, bits=bits)
     if found is None:
         raise Qwen3ChatError(f"{name} is not on this machine: `qwen3 download {name}` first")

@@ -23,6 +23,17 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def default_model(bits: int | None) -> str:
+    """The model when no -m is given; one stderr line says which and why when the machine's
+    memory chose it."""
+    from qwen3_chat.hub.open import choose_default
+
+    choice = choose_default(DEFAULT_BITS if bits is None else bits)
+    if choice.why:
+        typer.echo(f"using {choice.why}", err=True)
+    return choice.name
+
+
 def download(
     model: str = typer.Argument(..., help="An alias from `qwen3 models` or a repo id."),
     bits: int = typer.Option(DEFAULT_BITS, "--bits", help=f"{BITS_HELP}."),

@@ -49,10 +49,10 @@ def serve(
         sock = bind(host, port)
     except OSError as e:
         raise usage_exit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    from qwen3_chat.cli.models import default_model
     from qwen3_chat.cli.progress import open_with_status
-    from qwen3_chat.hub.open import default_model_name
 
-    name = model_name or default_model_name()
+    name = model_name or default_model(bits)
     loaded = open_with_status(name, bits=bits)
     from qwen3_chat.serve.engine import ServeConfig, ServeEngine
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from qwen3_chat.errors import Qwen3ChatError
 from qwen3_chat.files import read_json
 from qwen3_chat.hub.download import cached_repos, converted_dir
+from qwen3_chat.hub.open import choose_default
 from qwen3_chat.hub.registry import LOCAL_GENERATION, generation_rank, load_registry
 from qwen3_chat.hub.state import converted_folders
 from qwen3_chat.models.config import BITS, DEFAULT_BITS, QUANT_BITS
@@ -63,6 +64,7 @@ def model_rows() -> list[ModelRow]:
     that still exist. Raises the user models.toml's problem, if it has one."""
     registry = load_registry()
     registry.check()
+    default = choose_default().name  # QWEN3_MODEL, the user's, or by this machine's memory
     cached = cached_repos()
     rows = []
     for alias, e in registry.entries.items():
@@ -79,7 +81,7 @@ def model_rows() -> list[ModelRow]:
         rows.append(ModelRow(
             alias=alias, kind=e.kind, download_gb=e.download_gb.get(DEFAULT_BITS),
             capability=e.capability, context_length=e.context_length,
-            default=alias == registry.default, built_in=e.local is not None, copies=copies,
+            default=alias == default, built_in=e.local is not None, copies=copies,
             generation=e.generation,
         ))  # fmt: skip
     rows += [_converted_row(path, info) for path, info in converted_folders().items()]

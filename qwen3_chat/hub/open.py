@@ -8,6 +8,9 @@ weights are actually loaded, so importing this module stays cheap.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,12 @@ from qwen3_chat.engine.defaults import ALWAYS, HYBRID, NEVER
 from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
 from qwen3_chat.files import read_json
 from qwen3_chat.hub.fetch import Progress  # (stage, message): "verify", "download", "load"
-from qwen3_chat.hub.registry import ModelEntry, load_registry
-from qwen3_chat.models.config import ORIGINAL_BITS, check_bits
+from qwen3_chat.hub.registry import ModelEntry, generation_rank, load_registry
+from qwen3_chat.models.config import DEFAULT_BITS, ORIGINAL_BITS, check_bits
+
+# The share of the machine's memory a default model may need: the rest is for the KV cache,
+# the system and other apps (macOS lets the GPU wire about 70% of it).
+COMFORTABLE_SHARE = 0.6
 
 
 @dataclass
@@ -35,9 +42,65 @@ class LoadedModel:
     notes: tuple[str, ...] = ()  # one-line remarks for the user (variant used, parts skipped)
 
 
+@dataclass(frozen=True)
+class DefaultChoice:
+    name: str
+    why: str | None = None  # set when chosen by memory: the UI says which model and why
+
+
 def default_model_name() -> str:
-    """QWEN3_MODEL, else the registry's default."""
-    return os.environ.get("QWEN3_MODEL", "").strip() or load_registry().default
+    return choose_default().name
+
+
+def choose_default(bits: int = DEFAULT_BITS, memory: int | None = None) -> DefaultChoice:
+    """QWEN3_MODEL, else the user's models.toml default, else the model that suits this
+    machine's memory (`memory` bytes; measured when None), else models.toml's default."""
+    named = os.environ.get("QWEN3_MODEL", "").strip()
+    if named:
+        return DefaultChoice(named)
+    registry = load_registry()
+    memory = machine_memory() if memory is None else memory
+    if registry.default_explicit or memory is None:
+        return DefaultChoice(registry.default)
+    entry = pick_by_memory(registry.entries.values(), memory, bits)
+    if entry is None:
+        return DefaultChoice(registry.default, f"{registry.default}: no recommended model fits "
+                             f"comfortably in {memory / 1e9:.0f} GB of memory")  # fmt: skip
+    return DefaultChoice(entry.alias, (
+        f"{entry.alias}: the largest of the newest models that fits comfortably in "
+        f"{memory / 1e9:.0f} GB of memory (needs about {entry.memory_gb[bits]:g} GB at "
+        f"{bits}-bit; -m NAME or QWEN3_MODEL picks another)"))  # fmt: skip
+
+
+def recommended(entry: ModelEntry, bits: int) -> bool:
+    """A general chat model to default to: thinks or not on request (not an Instruct/Thinking
+    or Coder variant), with a known memory need at these bits, and downloadable."""
+    return entry.capability == HYBRID and entry.local is None and bits in entry.memory_gb
+
+
+def pick_by_memory(entries: Iterable[ModelEntry], memory: int, bits: int = DEFAULT_BITS
+                   ) -> ModelEntry | None:  # fmt: skip
+    """Newest generation first, the largest recommended model needing at most
+    COMFORTABLE_SHARE of `memory` bytes; None when none fits."""
+    fits = [e for e in entries if recommended(e, bits)
+            and e.memory_gb[bits] * 1e9 <= COMFORTABLE_SHARE * memory]  # fmt: skip
+    return max(fits, key=lambda e: (generation_rank(e.generation), e.memory_gb[bits]),
+               default=None)  # fmt: skip
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes (Linux: sysconf; macOS: sysctl hw.memsize); None if unknown."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True,
+                                 text=True, timeout=5, check=True).stdout  # fmt: skip
+            return int(out.strip())
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def registry_entry(name: str) -> ModelEntry | None:
