@@ -14,9 +14,12 @@ from qwen3_chat.chat.tokenizer import template_variables
 from qwen3_chat.cli.app import app
 from qwen3_chat.errors import Qwen3ChatError, SettingsError
 
-# A small template in the way of Qwen3.6's: past reasoning is kept only with preserve_thinking.
+# A small template in the way of Qwen3.6's: past reasoning is kept only with preserve_thinking
+# (which also notes itself in a first line, so a one-shot prompt shows that it arrived).
 TEMPLATE = """\
-{%- for m in messages %}<|im_start|>{{ m.role }}
+{%- if preserve_thinking %}<|im_start|>system
+Earlier reasoning is kept.<|im_end|>
+{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}
 {% if m.role == 'assistant' and m.reasoning_content and preserve_thinking %}<think>
 {{ m.reasoning_content }}
 </think>
@@ -107,7 +110,8 @@ def test_cli_template_arg_reaches_the_template_and_warns_on_unused(folder):
     assert r.exit_code == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if "nope" in line]
     assert len(warnings) == 1 and "preserve_thinking" not in r.stderr
-    assert json.loads(r.stdout)["answer"] is not None
+    tokens = [json.loads(x.stdout)["usage"]["prompt_tokens"] for x in (plain, r)]
+    assert tokens[1] > tokens[0]  # the template saw preserve_thinking
 
 
 @pytest.mark.parametrize("arg", ["preserve_thinking", "enable_thinking=true", "a b=1"])
