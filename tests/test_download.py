@@ -399,3 +399,21 @@ def test_ensure_model_reports_hashing_as_a_verify_stage(hub):
 
 def test_download_on_a_terminal_shows_the_verify_spinner(hub):
     download_on_a_terminal(hub, f"verifying {REPO}")
+
+
+def test_a_default_the_hub_does_not_have_falls_back_to_the_shipped_default(hub, chatty):
+    """With no -m the machine's memory picks the default, often from the newest family; if the
+    Hub has no such repo (yet), chat uses models.toml's shipped default and says so."""
+    from qwen3_chat.hub.open import choose_default
+    from qwen3_chat.hub.registry import load_registry
+
+    shipped = load_registry().default
+    chosen = choose_default().name
+    served = load_registry().get(shipped).repo_for(4)
+    hub.repos[served] = repo_from_folder(chatty)  # only the shipped default exists on this Hub
+    r = qwen3("chat", "--max-tokens", "1", "--no-think", "hi", endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    if chosen != shipped:  # on a machine whose memory picks another model
+        assert "was not found on the Hugging Face Hub" in r.stderr
+        assert f"using {shipped} instead" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -33,7 +33,7 @@ from qwen3_chat.engine.defaults import (  # MLX-free: `qwen3 --help` stays fast
     SEED_MAX,
     THINKING,
 )
-from qwen3_chat.errors import Qwen3ChatError
+from qwen3_chat.errors import DownloadError, Qwen3ChatError
 
 
 class _Group(TyperGroup):
@@ -247,8 +247,8 @@ def chat(
 
     if model_name is None and resume:  # the conversation's own model, unless -m says otherwise
         model_name = cli_conversations.saved_model(resume)
-    loaded = cli_hosts.open_chat_model(model_name or cli_models.default_model(bits), bits=bits,
-                                       hosts=hosts, parallel=parallel, backend=backend)
+    loaded = _open_chat_model(model_name, bits=bits, hosts=hosts, parallel=parallel,
+                              backend=backend)  # fmt: skip
     _warn_unhonoured(think, loaded.name, loaded.capability)
     warn_ignored_template_args(loaded.tokenizer, template_kwargs)
     thinking = (loaded.capability != NEVER) if think is None else think
@@ -302,6 +302,25 @@ def warn_ignored_template_args(tokenizer: Any, names: Any) -> None:
 
     for name in ignored_by_template(tokenizer, names):
         typer.echo(template_arg_warning(name), err=True)
+
+
+def _open_chat_model(name: str | None, *, bits: int | None, **where: Any) -> Any:
+    """-m NAME, or the default for this machine; a memory-chosen default whose repo the Hub
+    does not have (a newer family's name may not be published yet) falls back to the
+    registry's shipped default, with one line saying so."""
+    if name is not None:
+        return cli_hosts.open_chat_model(name, bits=bits, **where)
+    chosen = cli_models.default_model(bits)
+    try:
+        return cli_hosts.open_chat_model(chosen, bits=bits, **where)
+    except DownloadError as e:
+        from qwen3_chat.hub.registry import load_registry
+
+        fallback = load_registry().default
+        if chosen == fallback or "was not found on the Hugging Face Hub" not in str(e):
+            raise
+        typer.echo(f"note: {e}; using {fallback} instead", err=True)
+        return cli_hosts.open_chat_model(fallback, bits=bits, **where)
 
 
 def _warn_unhonoured(think: bool | None, name: str, capability: str) -> None:
