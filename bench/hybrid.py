@@ -53,15 +53,24 @@ QWEN36_35B_A3B = {**LINEAR, "hidden_size": 2048, "num_attention_heads": 16,
 LAYERS = 4
 
 
-def shapes(experts: int, vocab: int) -> list[tuple[str, str, dict]]:
+# Divided by --narrow: model width and head counts (the head dims stay as released).
+WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size",
+          "shared_expert_intermediate_size", "num_attention_heads", "num_key_value_heads",
+          "linear_num_key_heads", "linear_num_value_heads")  # fmt: skip
+
+
+def shapes(experts: int, vocab: int, narrow: int = 1) -> list[tuple[str, str, dict]]:
     common = {"num_hidden_layers": LAYERS, "vocab_size": vocab}
-    return [
-        (f"Qwen3.5-4B-like, {LAYERS} layers (3 linear + 1 attn)", "qwen3_5",
+    width = f", widths / {narrow}" if narrow > 1 else ""
+    out = [
+        (f"Qwen3.5-4B-like, {LAYERS} layers (3 linear + 1 attn){width}", "qwen3_5",
          {**QWEN35_4B, **common}),
-        (f"Qwen3.6-35B-A3B-like, {LAYERS} layers, {experts} of 256 experts (top-8)",
+        (f"Qwen3.6-35B-A3B-like, {LAYERS} layers, {experts} of 256 experts (top-8){width}",
          "qwen3_5_moe", {**QWEN36_35B_A3B, **common, "num_experts": experts,
                          "intermediate_size": 512}),
     ]  # fmt: skip
+    return [(n, a, {k: v // narrow if k in WIDTHS else v for k, v in c.items()})
+            for n, a, c in out]  # fmt: skip
 
 
 def tie_embeddings(src: Path) -> None:
@@ -140,6 +149,21 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def write(rows: list[dict], args, vocab: int) -> str:
+    """Write the JSON and Markdown of the rows so far; returns the table."""
+    md = table(rows, args)
+    device = f"{mx.default_device()} ({platform.machine()}, mlx {mx.__version__})"
+    meta = {"device": device, "prefill": args.prefill, "decode": args.decode, "reps": args.reps,
+            "turn_reps": args.turn_reps, "chat_tokens": args.chat, "vocab": vocab,
+            "narrow": args.narrow, "command": " ".join(sys.argv)}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    (args.out / f"{args.name}.md").write_text(
+        f"Device: {device}; float32 compute, medians of {args.reps} interleaved runs "
+        f"(turn N: {args.turn_reps}); vocab {vocab}\n\n{md}\n")  # fmt: skip
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
@@ -152,14 +176,16 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--chat", type=int, default=1024, help="tokens in the turn-N chat")
     ap.add_argument("--experts", type=int, default=32, help="routed experts in the MoE shape")
+    ap.add_argument("--narrow", type=int, default=1, help="divide widths and head counts by N")
     ap.add_argument("--only", type=int, default=None, help="run only shape N (0 or 1)")
     args = ap.parse_args()
+    args.name = args.name or f"hybrid-{time.strftime('%Y%m%d-%H%M%S')}"
     if not (args.tokenizer / "tokenizer.json").exists():
         sys.exit(f"bench: Qwen3 tokenizer files not found in {args.tokenizer} (--tokenizer DIR)")
     # The Qwen3 tokenizer's vocabulary (the hybrids ship 248k); its ids must fit the model.
     vocab = json.loads((args.tokenizer / "config.json").read_text())["vocab_size"]
     rows = []
-    todo = shapes(args.experts, vocab)
+    todo = shapes(args.experts, vocab, args.narrow)
     for i, (name, arch, text) in enumerate(todo):
         if args.only is not None and i != args.only:
             continue
@@ -171,17 +197,8 @@ def main() -> None:
             rows.append(bench_folder(name, folder, args.bits, args))
         gc.collect()
         mx.clear_cache()
-    md = table(rows, args)
+        md = write(rows, args, vocab)  # after each shape: a stopped run keeps what it finished
     device = f"{mx.default_device()} ({platform.machine()}, mlx {mx.__version__})"
-    meta = {"device": device, "prefill": args.prefill, "decode": args.decode, "reps": args.reps,
-            "turn_reps": args.turn_reps, "chat_tokens": args.chat, "vocab": vocab,
-            "command": " ".join(sys.argv)}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"hybrid-{time.strftime('%Y%m%d-%H%M%S')}"
-    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    (args.out / f"{stem}.md").write_text(
-        f"Device: {device}; float32 compute, medians of {args.reps} interleaved runs "
-        f"(turn N: {args.turn_reps}); vocab {vocab}\n\n{md}\n")  # fmt: skip
     print(f"Device: {device}; medians of {args.reps} interleaved runs\n")
     print(md)
 
