@@ -1,6 +1,7 @@
 """Benchmark the hybrid Qwen3 family (Gated DeltaNet + gated attention) against mlx-lm.
 
-    python bench/hybrid.py                 # Qwen3.5-4B-like and Qwen3.6-35B-A3B-like, reduced
+    python bench/run.py --hybrid           # Qwen3.5-4B-like and Qwen3.6-35B-A3B-like, 4 layers
+    python bench/run.py --hybrid --narrow 2 --turn-reps 1   # half widths: ~10 min, 2 CPU cores
 
 Each shape is a random checkpoint that transformers writes in the released HF layout
 (tests/hybrid_checkpoints.py), quantized once by our loader and saved as an
