@@ -23,6 +23,10 @@ class DownloadError(Qwen3ChatError):
     """A download failed (404, 401, offline, disk full) or did not verify."""
 
 
+class RepoNotFoundError(DownloadError):
+    """The Hub has no such repository (a 404, not a network or permission problem)."""
+
+
 class SettingsError(Qwen3ChatError):
     """A generation or conversation setting (budget, max_tokens, text, ...) is invalid.
 

@@ -33,7 +33,7 @@ from qwen3_chat.engine.defaults import (  # MLX-free: `qwen3 --help` stays fast
     SEED_MAX,
     THINKING,
 )
-from qwen3_chat.errors import DownloadError, Qwen3ChatError
+from qwen3_chat.errors import Qwen3ChatError, RepoNotFoundError
 
 
 class _Group(TyperGroup):
@@ -313,11 +313,11 @@ def _open_chat_model(name: str | None, *, bits: int | None, **where: Any) -> Any
     chosen = cli_models.default_model(bits)
     try:
         return cli_hosts.open_chat_model(chosen, bits=bits, **where)
-    except DownloadError as e:
+    except RepoNotFoundError as e:
         from qwen3_chat.hub.registry import load_registry
 
         fallback = load_registry().default
-        if chosen == fallback or "was not found on the Hugging Face Hub" not in str(e):
+        if chosen == fallback:
             raise
         typer.echo(f"note: {e}; using {fallback} instead", err=True)
         return cli_hosts.open_chat_model(fallback, bits=bits, **where)

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3_chat.errors import DownloadError, Qwen3ChatError
+from qwen3_chat.errors import DownloadError, Qwen3ChatError, RepoNotFoundError
 from qwen3_chat.hub.fetch import (
     ALLOW_PATTERNS,
     Progress,
@@ -84,7 +84,7 @@ def _hub_error(repo_id: str, error: Exception, label: str | None = None) -> Down
             f"{repo_id} is gated or private: accept its license on the Hub and set HF_TOKEN"
         )
     if isinstance(error, hf.RepositoryNotFoundError):
-        return DownloadError(f"{repo_id} was not found on the Hugging Face Hub")
+        return RepoNotFoundError(f"{repo_id} was not found on the Hugging Face Hub")
     if isinstance(error, hf.RevisionNotFoundError):
         return DownloadError(f"{repo_id}: no such revision")
     if isinstance(error, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
