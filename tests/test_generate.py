@@ -374,6 +374,8 @@ def test_generation_works_from_another_thread_after_the_main_one(tiny):
     generation stream is per thread (a shared one failed: no Stream(cpu, N) in this thread)."""
     import threading
 
+    from qwen3_chat.engine.generate import release_thread_streams
+
     model, tok = tiny
     ids = tok.encode("Hello there")
 
@@ -383,7 +385,14 @@ def test_generation_works_from_another_thread_after_the_main_one(tiny):
 
     first = tokens()
     result: list = []
-    worker = threading.Thread(target=lambda: result.append(tokens()))
+
+    def work() -> None:
+        try:
+            result.append(tokens())
+        finally:
+            release_thread_streams()  # as the server's worker does: MLX 0.32 aborts otherwise
+
+    worker = threading.Thread(target=work)
     worker.start()
     worker.join()
     assert result == [first]

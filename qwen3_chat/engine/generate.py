@@ -42,7 +42,10 @@ from qwen3_chat.models.cache import KVCache
 if TYPE_CHECKING:  # speculative builds on this module's token layer
     from qwen3_chat.engine.speculative import Speculation
 
-__all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_PREFILL_STEP", "prefill", "stream_generate"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS", "DEFAULT_PREFILL_STEP", "prefill", "release_thread_streams",
+    "stream_generate",
+]  # fmt: skip
 
 # Ctrl-C reaches Python only between evaluations, so a chunk's compute time is how long an
 # interrupt waits. 512 keeps that short at no measurable cost in prefill speed.
@@ -57,6 +60,15 @@ def generation_stream() -> mx.Stream:
     if stream is None:
         stream = _streams.stream = mx.new_stream(mx.default_device())
     return stream
+
+
+def release_thread_streams() -> None:
+    """Call last on a worker thread that ran MLX: MLX (0.32+) frees a thread's streams and
+    compile cache only when asked, and freeing them later, at interpreter exit, aborts."""
+    _streams.stream = None
+    if hasattr(mx, "clear_streams"):  # older MLX cleans up by itself
+        mx.synchronize()
+        mx.clear_streams()
 
 
 def cache_offset(cache: Sequence[KVCache]) -> int:

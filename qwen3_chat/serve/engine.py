@@ -21,7 +21,7 @@ from typing import Any
 from qwen3_chat.chat.session import soft_switch
 from qwen3_chat.engine.defaults import ALWAYS, DEFAULT_BUDGET, DEFAULT_MAX_TOKENS, HYBRID, mode_name
 from qwen3_chat.engine.events import AnswerText, Finished, ReasoningText
-from qwen3_chat.engine.generate import stream_generate
+from qwen3_chat.engine.generate import release_thread_streams, stream_generate
 from qwen3_chat.engine.phase import ThinkPhase
 from qwen3_chat.engine.sampling import SamplingParams
 from qwen3_chat.errors import Qwen3ChatError
@@ -210,6 +210,12 @@ class ServeEngine:
 
     # -- the worker -----------------------------------------------------------------------
     def _work(self) -> None:
+        try:
+            self._serve_jobs()
+        finally:
+            release_thread_streams()
+
+    def _serve_jobs(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
