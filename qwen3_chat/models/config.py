@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qwen3_chat.errors import ModelLoadError, Qwen3ChatError
 
@@ -72,8 +72,71 @@ def transformers5_aliases(d: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
+def check_model_type(model_type: Any) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported model_type {model_type!r}: qwen3-chat runs "
+            f"{' and '.join(SUPPORTED_MODEL_TYPES)} models"
+        )
+
+
+@dataclass(kw_only=True)
+class ExpertFields:
+    """The mixture-of-experts fields ModelConfig and HybridConfig share (HF names); no
+    experts means a dense MLP. Keyword-only, so each config's required fields stay first."""
+
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` uses the sparse MoE block (HF's rule)."""
+        return self.is_moe and is_sparse_layer(vars(self), index)
+
+    def check_experts(self) -> None:
+        if self.is_moe and not (0 < self.num_experts_per_tok <= self.num_experts):
+            raise ModelLoadError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"1..num_experts ({self.num_experts})"
+            )
+
+
+C = TypeVar("C")
+
+
+def build_config(cls: type[C], flat: dict[str, Any], raw: dict[str, Any], where: str) -> C:
+    """`cls` from the config.json fields in `flat` (other keys ignored), keeping `raw`, the
+    file as read; a missing or mistyped field is a ModelLoadError naming it (in `where`)."""
+    flat = transformers5_aliases(flat)
+    if flat.get("quantization") is None and isinstance(flat.get("quantization_config"), dict):
+        flat["quantization"] = flat["quantization_config"]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    kwargs = {k: v for k, v in flat.items() if k in {f.name for f in fields} - {"raw"}}
+    kwargs["raw"] = dict(raw)
+    missing = [
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        and f.name not in kwargs
+    ]
+    if missing:
+        raise ModelLoadError(f"{where} is missing {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a null where a number is required
+        raise ModelLoadError(f"config.json: {e}") from None
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(ExpertFields):
     model_type: str
     hidden_size: int
     intermediate_size: int
@@ -88,13 +151,7 @@ class ModelConfig:
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    # MoE (qwen3_moe); ignored for dense models.
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
+    # The MoE fields (qwen3_moe; ignored for dense models) come from ExpertFields.
     # MLX-community pre-quantized checkpoints carry this block.
     quantization: dict[str, Any] | None = None
     # The config.json it came from, every key kept, so saving or converting a model writes
@@ -102,11 +159,7 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"unsupported model_type {self.model_type!r}: qwen3-chat runs "
-                f"{' and '.join(SUPPORTED_MODEL_TYPES)} models"
-            )
+        check_model_type(self.model_type)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -114,19 +167,11 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.is_moe and not (0 < self.num_experts_per_tok <= self.num_experts):
-            raise ModelLoadError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
-                f"1..num_experts ({self.num_experts})"
-            )
+        self.check_experts()
 
     @property
     def is_moe(self) -> bool:
-        return self.model_type == "qwen3_moe" and self.num_experts > 0
-
-    def is_moe_layer(self, index: int) -> bool:
-        """Whether decoder layer `index` uses the sparse MoE block (HF's rule)."""
-        return self.is_moe and is_sparse_layer(vars(self), index)
+        return self.model_type == "qwen3_moe" and super().is_moe
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -134,29 +179,8 @@ class ModelConfig:
             raise ModelLoadError("config.json must hold a JSON object")
         if "model_type" not in d:
             raise ModelLoadError("config.json has no model_type")
-        if d["model_type"] not in SUPPORTED_MODEL_TYPES:  # before "missing hidden_size, ..."
-            raise ModelLoadError(
-                f"unsupported model_type {d['model_type']!r}: qwen3-chat runs "
-                f"{' and '.join(SUPPORTED_MODEL_TYPES)} models"
-            )
-        names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
-        kwargs = {k: v for k, v in transformers5_aliases(d).items() if k in names}
-        kwargs["raw"] = dict(d)
-        if kwargs.get("quantization") is None and isinstance(d.get("quantization_config"), dict):
-            kwargs["quantization"] = d["quantization_config"]
-        required = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-        ]
-        missing = [n for n in required if n not in kwargs]
-        if missing:
-            raise ModelLoadError(f"config.json is missing {', '.join(missing)}")
-        try:
-            return cls(**kwargs)
-        except TypeError as e:  # e.g. a null where a number is required
-            raise ModelLoadError(f"config.json: {e}") from None
+        check_model_type(d["model_type"])  # before "missing hidden_size, ..."
+        return build_config(cls, d, d, "config.json")
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:

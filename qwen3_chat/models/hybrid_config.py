@@ -8,12 +8,11 @@ config whose language model sits in `text_config`, with RoPE in transformers-5's
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3_chat.errors import ModelLoadError
-from qwen3_chat.models.config import is_sparse_layer, transformers5_aliases
+from qwen3_chat.models.config import ExpertFields, build_config
 
 HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 # Qwen3-Next fuses the Gated DeltaNet input projections (in_proj_qkvz + in_proj_ba);
@@ -23,7 +22,7 @@ LINEAR, FULL = "linear_attention", "full_attention"
 
 
 @dataclass
-class HybridConfig:
+class HybridConfig(ExpertFields):
     model_type: str
     hidden_size: int
     intermediate_size: int
@@ -46,14 +45,9 @@ class HybridConfig:
     attention_bias: bool = False
     layer_types: list[str] = field(default_factory=list)
     full_attention_interval: int = 4
-    # MoE: Qwen3-Next and qwen3_5_moe; the dense Qwen3.5 has none.
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
+    # MoE (Qwen3-Next and qwen3_5_moe; the dense Qwen3.5 has none): ExpertFields, plus
+    # the shared expert every token also goes through.
     shared_expert_intermediate_size: int = 0
-    norm_topk_prob: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
     # The folder also holds a vision tower we do not run (Qwen3.5 is vision-language).
     has_vision: bool = False
@@ -85,11 +79,7 @@ class HybridConfig:
         ):
             if groups < 1 or heads % groups:
                 raise ModelLoadError(f"{what} ({groups}) must divide the head count ({heads})")
-        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts):
-            raise ModelLoadError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
-                f"1..num_experts ({self.num_experts})"
-            )
+        self.check_experts()
         if not 0 < self.partial_rotary_factor <= 1:
             raise ModelLoadError(
                 f"partial_rotary_factor must be in (0, 1], not {self.partial_rotary_factor}"
@@ -98,10 +88,6 @@ class HybridConfig:
     @property
     def fused_projections(self) -> bool:
         return self.model_type in FUSED_PROJECTION_TYPES
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
 
     @property
     def rope_dims(self) -> int:
@@ -124,9 +110,6 @@ class HybridConfig:
     def is_linear_layer(self, index: int) -> bool:
         return self.layer_types[index] == LINEAR
 
-    def is_moe_layer(self, index: int) -> bool:
-        return is_sparse_layer(vars(self), index)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HybridConfig:
         if not isinstance(d, dict):
@@ -144,26 +127,10 @@ class HybridConfig:
             flat.get("rope_parameters"), (dict, type(None))
         ):
             raise ModelLoadError("config.json: rope_parameters must be an object")
-        flat = transformers5_aliases(flat)
-        if flat.get("quantization") is None and isinstance(flat.get("quantization_config"), dict):
-            flat["quantization"] = flat["quantization_config"]
         if flat.get("mlp_only_layers") is None:
             flat["mlp_only_layers"] = []
         if flat.get("layer_types") is None:
             flat["layer_types"] = []
-        names = {f.name for f in dataclasses.fields(cls)} - {"raw", "has_vision"}
-        kwargs = {k: v for k, v in flat.items() if k in names}
-        kwargs["has_vision"], kwargs["raw"] = has_vision, dict(d)
-        required = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-        ]
-        missing = [n for n in required if n not in kwargs]
-        if missing:
-            where = "text_config" if isinstance(text, dict) else "config.json"
-            raise ModelLoadError(f"{where} is missing {', '.join(missing)}")
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise ModelLoadError(f"config.json: {e}") from None
+        flat["has_vision"] = has_vision  # from the folder's layout, not a config.json key
+        where = "text_config" if isinstance(text, dict) else "config.json"
+        return build_config(cls, flat, d, where)
