@@ -124,16 +124,29 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(
-        self, inputs: mx.array, cache: list[KVCache] | None = None, last_only: bool = False
-    ) -> mx.array:
-        """inputs: int32 [B, L] -> logits [B, L, vocab] ([B, 1, vocab] with last_only)."""
+        self,
+        inputs: mx.array,
+        cache: list[KVCache] | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
+        """inputs: int32 [B, L] -> logits [B, L, vocab] ([B, 1, vocab] with last_only).
+
+        return_hidden: (logits, final normed hidden states [B, L, H] of every position),
+        from the same forward: what a multi-token-prediction head reads (models/mtp.py)."""
+        if return_hidden:
+            h = self.model.norm(self.model(inputs, cache))
+            return self.project(h[:, -1:] if last_only else h), h
         # With last_only, the last layer's MLP, the norm and lm_head run on one position:
         # prefill needs only the next-token logits.
         return self.head(self.model(inputs, cache, last_only))
 
     def head(self, h: mx.array) -> mx.array:
         """Final norm and output projection: hidden states -> logits."""
-        h = self.model.norm(h)
+        return self.project(self.model.norm(h))
+
+    def project(self, h: mx.array) -> mx.array:
+        """The output projection (lm_head or the tied embedding) of normed hidden states."""
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -45,9 +45,12 @@ class SharedExpertMoeBlock(SparseMoeBlock):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: HybridConfig, index: int, rope: nn.Module):
+    def __init__(
+        self, config: HybridConfig, index: int, rope: nn.Module, linear: bool | None = None
+    ):
         super().__init__()
-        self.is_linear = config.is_linear_layer(index)
+        # `linear` overrides layer_types: the MTP head's layer is full attention (models/mtp.py).
+        self.is_linear = config.is_linear_layer(index) if linear is None else linear
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(config)
         else:
