@@ -215,10 +215,13 @@ def test_ctrl_c_mid_verification_leaves_a_consistent_cache() -> None:
     assert len(prompt) <= offsets.pop() <= len(prompt) + len(seen)  # nothing unverified
 
 
-def test_hybrid_caches_are_refused_with_a_reason() -> None:
+def test_hybrid_caches_are_taken_and_other_caches_refused_with_a_reason() -> None:
+    # Linear layers go back to states kept inside the verifying forward (test_mtp.py
+    # proves the output); a cache that can do neither is refused.
     spec = Speculation()
-    assert not spec.applies(None, [LinearCache()])
-    assert "recurrent" in spec.reason and spec.report()["method"] == "off"
+    assert spec.applies(None, [KVCache(), LinearCache()]) and spec.reason is None
+    assert not spec.applies(None, [KVCache(), object()])
+    assert "cannot drop rejected drafts" in spec.reason and spec.report()["method"] == "off"
 
 
 # -- rejection sampling is exact -----------------------------------------------------------

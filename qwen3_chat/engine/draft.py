@@ -16,7 +16,8 @@ import mlx.core as mx
 from qwen3_chat.engine.compiled import decoder_for
 from qwen3_chat.engine.generate import cache_offset, generation_stream, prefill, rewind
 from qwen3_chat.engine.sampling import SamplingParams
-from qwen3_chat.engine.speculative import SpeculationError, Verifier
+from qwen3_chat.engine.speculative import SpeculationError
+from qwen3_chat.engine.verify import Verifier
 from qwen3_chat.models.cache import KVCache
 
 
@@ -70,18 +71,12 @@ class DraftModel:
     def draft(self, k: int) -> tuple[list[int], mx.array | None]:
         if k <= 0 or not self.ids:
             return [], None
-        greedy = self.sampling.temperature <= 0
         drafts: list[int] = []
         qs: list[mx.array] = []
         with mx.stream(generation_stream()):
             logits = self._sync()
             for i in range(k):
-                if greedy:
-                    t = int(mx.argmax(logits, axis=-1).item())
-                else:
-                    q = self.verifier.probs(logits)[0]
-                    t = int(mx.random.categorical(mx.log(q), key=self.verifier.next_key()).item())
-                    qs.append(q)
+                t = self.verifier.draw(logits, qs)
                 drafts.append(t)
                 if i + 1 < k:
                     logits = self.decode(self.model, [t], self.cache)

@@ -34,25 +34,20 @@ from qwen3_chat.engine.generate import (
     generate_tokens,
     generation_stream,
     prefill,
-    rewind,
 )
+from qwen3_chat.engine.lookup import PromptLookup
 from qwen3_chat.engine.sampling import (
     LogitsProcessor,
     SamplingParams,
     apply_processors,
-    keep_min_p,
-    keep_top_k,
-    keep_top_p,
     make_sampler,
 )
-from qwen3_chat.models.cache import KVCache
+from qwen3_chat.engine.verify import DraftLength, Verifier
+from qwen3_chat.models.cache import KVCache, LinearCache
 
-METHODS = ("auto", "off", "lookup", "draft")
+METHODS = ("auto", "off", "lookup", "draft", "mtp")
 # --speculate auto drafts only from a prompt this long (new tokens): a pasted diff or file.
 AUTO_MIN_PROMPT = 256
-# Longest pause in drafting after repeated misses: long enough to cost little on text that
-# never repeats, short enough to pick up a quote that starts later.
-MAX_PAUSE = 16
 
 
 class Drafter(Protocol):
@@ -70,7 +65,8 @@ class SpeculationError(ValueError):
 def make_speculation(method: str, draft: str | None = None) -> Speculation | None:
     """The policy for --speculate METHOD [--draft MODEL]; None for plain decoding.
 
-    auto is prompt lookup for prompts long enough to be quoted (code review, edits, pasted
+    auto is the model's own MTP head when it has one (trained to draft, exact either way),
+    else prompt lookup for prompts long enough to be quoted (code review, edits, pasted
     text): on a short prompt drafts rarely hold, and on a CPU a rejected draft costs more
     than the compiled plain step it replaces (bench/speed.py measures both)."""
     if method not in METHODS:
@@ -81,7 +77,7 @@ def make_speculation(method: str, draft: str | None = None) -> Speculation | Non
         raise SpeculationError("--speculate draft needs --draft MODEL")
     if method == "off":
         return None
-    return Speculation("draft" if method == "draft" else "lookup", auto=method == "auto")
+    return Speculation("lookup" if method == "auto" else method, auto=method == "auto")
 
 
 @dataclass
@@ -102,136 +98,6 @@ class SpecStats:
         return self.tokens / self.steps if self.steps else 0.0
 
 
-class PromptLookup:
-    """n-gram drafts: after the last n tokens, propose what followed their latest earlier
-    occurrence in the prompt or the reply so far (longest n first).
-
-    The index maps each n-gram to where its continuation starts and is extended as tokens
-    arrive, so a proposal costs O(max_ngram), whatever the length of the conversation.
-    """
-
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self.ids: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        for t in tokens:
-            # n-grams ending at the current end now have a continuation (t): index them.
-            end = len(self.ids)
-            for n in range(self.min_ngram, self.max_ngram + 1):
-                if end >= n:
-                    self._index[tuple(self.ids[end - n : end])] = end
-            self.ids.append(t)
-
-    def propose(self, k: int) -> list[int]:
-        if k <= 0:
-            return []
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if len(self.ids) < n:
-                continue
-            start = self._index.get(tuple(self.ids[-n:]))
-            if start is not None:
-                return self.ids[start : start + k]
-        return []
-
-    def draft(self, k: int) -> tuple[list[int], None]:
-        """Drafts and their distributions: lookup's are certain (None)."""
-        return self.propose(k), None
-
-    def ready(self) -> bool:
-        """Whether the text so far ends in an n-gram seen before."""
-        return bool(self.propose(1))
-
-
-@dataclass
-class DraftLength:
-    """Adapt how many tokens to draft to how many were kept: grow while all are taken,
-    fall back to just past the last kept one. A draft wholly rejected pauses drafting for
-    a few steps (twice as many after each further miss), so text that does not repeat
-    costs little more than plain decoding."""
-
-    length: int = 4
-    low: int = 1
-    high: int = 10
-    pause: int = 0  # steps left without drafting
-    backoff: int = 1  # the next pause
-
-    def next(self) -> int:
-        """How many tokens to draft now (0 while paused); a paused step counts down."""
-        if self.pause > 0:
-            self.pause -= 1
-            return 0
-        return self.length
-
-    def update(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
-            return
-        if accepted == 0:
-            self.pause, self.backoff = self.backoff, min(2 * self.backoff, MAX_PAUSE)
-        else:
-            self.backoff = 1
-        if accepted == drafted:
-            self.length = min(self.high, self.length + 2)
-        else:
-            self.length = max(self.low, accepted + 1)
-
-
-@dataclass
-class Verifier:
-    """The target's choice at each verified position: greedy, or rejection sampling."""
-
-    params: SamplingParams
-    key: mx.array | None = None
-
-    def __post_init__(self) -> None:
-        if self.params.seed is not None and self.key is None:
-            self.key = mx.random.key(self.params.seed)
-
-    def next_key(self) -> mx.array | None:
-        if self.key is None:
-            return None  # MLX's global generator
-        self.key, sub = mx.random.split(self.key)
-        return sub
-
-    def probs(self, logits: mx.array) -> mx.array:
-        """The sampling distribution [n, V] for logits [n, V]: temperature, top-k, then
-        top-p and min-p over the renormalised top-k (make_sampler's order)."""
-        p = self.params
-        lp = keep_top_k(logits.astype(mx.float32) / p.temperature, p.top_k)
-        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        return mx.softmax(keep_min_p(keep_top_p(lp, p.top_p), p.min_p), axis=-1)
-
-    def verify(
-        self, logits: mx.array, drafts: Sequence[int], q: mx.array | None = None
-    ) -> list[int]:
-        """logits [len(drafts) + 1, V] (row i follows draft i - 1) -> the kept drafts and
-        one more token. `q` [len(drafts), V]: the drafter's distributions (None: each
-        draft was certain, as prompt lookup's are)."""
-        k = len(drafts)
-        if self.params.temperature <= 0:
-            best = mx.argmax(logits, axis=-1).tolist()
-            j = 0
-            while j < k and best[j] == drafts[j]:
-                j += 1
-            return [*drafts[:j], best[j]]
-        probs = self.probs(logits)
-        j = k
-        if k:
-            d = mx.array(list(drafts), dtype=mx.int32)[:, None]
-            ratio = mx.take_along_axis(probs[:k], d, axis=-1)[:, 0]
-            if q is not None:
-                ratio = ratio / mx.take_along_axis(q, d, axis=-1)[:, 0]
-            kept = (mx.random.uniform(shape=(k,), key=self.next_key()) < ratio).tolist()
-            j = kept.index(False) if False in kept else k
-        row = probs[j]
-        if j < k:  # the residual max(p - q, 0): what p has beyond the drafter's proposal
-            drafted = q[j] if q is not None else (mx.arange(row.shape[-1]) == drafts[j])
-            row = mx.maximum(row - drafted.astype(row.dtype), 0.0)
-        token = mx.random.categorical(mx.log(row), key=self.next_key()).item()
-        return [*drafts[:j], token]
-
-
 @dataclass
 class Speculation:
     """The policy stream_generate takes: which drafter, and what it did (`stats`)."""
@@ -239,7 +105,7 @@ class Speculation:
     method: str = "lookup"
     max_ngram: int = 4
     draft_model: Any = None  # for "draft": a model sharing the tokenizer (engine.draft)
-    auto: bool = False  # lookup only for prompts of at least AUTO_MIN_PROMPT tokens
+    auto: bool = False  # MTP if the model has a head, else lookup for long prompts only
     # The ids already in the cache before `prompt_ids` (ChatSession sets them each turn):
     # what earlier turns said can be quoted too.
     context: Sequence[int] = ()
@@ -247,7 +113,7 @@ class Speculation:
     reason: str | None = None  # why the latest request ran without speculation
 
     def __post_init__(self) -> None:
-        if self.method not in ("lookup", "draft"):
+        if self.method not in ("lookup", "draft", "mtp"):
             raise ValueError(f"unknown speculation method {self.method!r}")
         self.stats = SpecStats(self.method)
 
@@ -258,6 +124,15 @@ class Speculation:
         check_compatible(draft_model, draft_tokenizer, model, tokenizer)
         self.draft_model = draft_model
 
+    def check_mtp(self, model) -> None:
+        """--speculate mtp needs the checkpoint's own head (`mtp.*` tensors)."""
+        from qwen3_chat.models.mtp import has_mtp
+
+        if not has_mtp(model):
+            raise SpeculationError(
+                "--speculate mtp: this model has no MTP head (no mtp.* tensors in its folder)"
+            )
+
     def report(self) -> dict:
         """For GenerationStats: what the latest request drafted and kept."""
         if self.reason is not None:
@@ -265,12 +140,18 @@ class Speculation:
         return self.stats.to_dict()
 
     def applies(self, model, cache: Sequence) -> bool:
-        """Rejected drafts leave the cache by trimming: only plain KV caches can do that."""
-        if not all(type(c) is KVCache for c in cache):
-            self.reason = "the model's recurrent layers cannot drop rejected drafts"
+        """KV layers drop rejected drafts by trimming, linear (Gated DeltaNet) layers by
+        going back to a state kept inside the verifying forward (see _keep_states)."""
+        from qwen3_chat.models.mtp import has_mtp
+
+        if not all(type(c) in (KVCache, LinearCache) for c in cache):
+            self.reason = "the model's cache cannot drop rejected drafts"
             return False
         if self.method == "draft" and self.draft_model is None:
             self.reason = "no draft model was given"
+            return False
+        if self.method == "mtp" and not has_mtp(model):
+            self.reason = "the model has no MTP head"
             return False
         self.reason = None
         return True
@@ -288,17 +169,30 @@ class Speculation:
         limit: int | None = None,
     ) -> Iterator[tuple[int, bool]]:
         """The token layer of stream_generate, speculating: yields (token id, forced)."""
-        self.stats = SpecStats(self.method)
-        if self.auto and len(self.context) + len(prompt_ids) < AUTO_MIN_PROMPT:
+        from qwen3_chat.models.mtp import has_mtp
+
+        method = "mtp" if self.auto and has_mtp(model) else self.method
+        self.stats = SpecStats(method)
+        if (
+            method == "lookup"
+            and self.auto
+            and (len(self.context) + len(prompt_ids) < AUTO_MIN_PROMPT)
+        ):
             self.reason = f"auto: a prompt under {AUTO_MIN_PROMPT} tokens has little to quote"
             return generate_tokens(
                 model, prompt_ids, cache, make_sampler(sampling), processors, override,
                 prefill_step, timing, decoder_for(model),
             )  # fmt: skip
-        if self.method == "draft":
+        drafter: Drafter
+        if method == "mtp":
+            from qwen3_chat.engine.mtp import MTPDrafter
+
+            drafter = MTPDrafter(model, sampling)
+            drafter.extend(prompt_ids)  # its head's cache starts empty: only what it sees now
+        elif method == "draft":
             from qwen3_chat.engine.draft import DraftModel
 
-            drafter: Drafter = DraftModel(self.draft_model, sampling)
+            drafter = DraftModel(self.draft_model, sampling)
             drafter.extend(prompt_ids)  # its own cache starts empty: only what it prefills
         else:
             drafter = PromptLookup(self.max_ngram)
@@ -323,6 +217,39 @@ def _rows(
     ])  # fmt: skip
 
 
+def _keep_states(cache: Sequence, offsets: Sequence[int]) -> None:
+    """Have each linear layer keep its state after each of `offsets` tokens in the next
+    forward. The Gated DeltaNet state folds every token in and cannot be trimmed; keeping
+    the states inside the verifying forward (the scan splits there, `snapshot_at`) costs no
+    second forward, only k + 1 states held until the step is settled. Re-feeding the kept
+    tokens from a snapshot instead would cost a forward of them through every layer."""
+    for c in cache:
+        if isinstance(c, LinearCache):
+            c.snapshot_at = (*c.snapshot_at, *offsets)
+
+
+def _drop_states(cache: Sequence, offsets: Sequence[int]) -> None:
+    """Forget the states _keep_states asked for (the session's own requests stay)."""
+    if not offsets:
+        return
+    gone = set(offsets)
+    for c in cache:
+        if isinstance(c, LinearCache):
+            c.snapshot_at = tuple(o for o in c.snapshot_at if o not in gone)
+            for o in gone:
+                c.marked.pop(o, None)
+
+
+def _rewind(cache: Sequence, offset: int) -> None:
+    """Every layer back to `offset` tokens: KV layers trim; a linear layer restores the
+    state kept there (_keep_states) or undoes its last update (a plain step)."""
+    for c in cache:
+        if isinstance(c, LinearCache) and c.offset != offset and offset in c.marked:
+            c.restore(c.marked[offset])
+        else:
+            c.trim(c.offset - offset)
+
+
 def _speculate(
     model,
     prompt_ids: Sequence[int],
@@ -339,35 +266,48 @@ def _speculate(
     decode = decoder_for(model)
     sample = make_sampler(verifier.params)  # plain steps: the same distribution, lazily
     length = DraftLength()
+    # A drafter reading the target's hidden states (MTP) sees every forward's, so every
+    # token goes through a full forward (never the hidden-less compiled plain step).
+    observe = getattr(drafter, "observe", None)
     history: list[int] = []  # tokens fed since the prompt (what the penalties see)
+    marks: list[int] = []  # offsets whose linear-layer states the last forward kept
     timing.start = time.perf_counter()
     timing.prefill_tokens = len(prompt_ids)
     with mx.stream(generation_stream()):
-        logits = prefill(model, prompt_ids, cache, prefill_step)
+        target = model if observe is None else _Observed(model, observe)
+        logits = prefill(target, prompt_ids, cache, prefill_step)
     y = verifier.verify(_rows(processors, [], [], logits), [])[0]
     held = cache_offset(cache)  # tokens the cache holds that the output agrees with
+
+    def hand_on(feed: list[int], replaced: int) -> Iterator[tuple[int, bool]]:
+        """The fed tokens go out (forced ones marked); the penalties see them from now."""
+        nonlocal held
+        if not timing.first_token:
+            timing.first_token = time.perf_counter()
+        for t in feed:
+            held += 1
+            yield t, t != replaced
+        history.extend(feed)
+
     try:
         feed: list[int] | None = None  # tokens to feed next (forced ones, or the pending y)
         replaced = y  # the token `feed` stands for (a forced run replaces it)
         while True:
+            _drop_states(cache, marks)
+            marks = []
             if feed is None:  # the pending token, or what the budget forces in its place
                 forced = override(y) if override is not None else None
                 feed, replaced = ([y] if forced is None else list(forced)), y
             drafter.extend(feed)
             room = (limit - held - len(feed) - 1) if limit else length.high
             drafts, q = drafter.draft(min(length.next(), room))
-            if not drafts and not processors:
+            if not drafts and not processors and observe is None:
                 # Nothing to verify: plain steps, each queued before the token it follows
                 # is read (as in generate_tokens), until the drafter has something again.
                 with mx.stream(generation_stream()):
                     nxt = sample(decode(model, feed, cache))
                 mx.async_eval(nxt)
-                if not timing.first_token:
-                    timing.first_token = time.perf_counter()
-                for t in feed:
-                    held += 1
-                    yield t, t != replaced
-                history += feed
+                yield from hand_on(feed, replaced)
                 feed = None
                 while feed is None:
                     with mx.stream(generation_stream()):
@@ -377,7 +317,7 @@ def _speculate(
                     stats.steps, stats.tokens = stats.steps + 1, stats.tokens + 1
                     forced = override(y) if override is not None else None
                     if forced is not None:  # y is replaced: it leaves the cache again
-                        rewind(cache, held)
+                        _rewind(cache, held)
                         feed, replaced = list(forced), y
                         break
                     held += 1
@@ -391,25 +331,27 @@ def _speculate(
                     nxt = after
                 continue  # to the top: y pending, or a forced run to feed
             fed = [*feed, *drafts]
+            if drafts:  # where a rejection may send the linear layers back to
+                marks = [held + len(feed) + j for j in range(len(drafts))]
+                _keep_states(cache, marks)
             with mx.stream(generation_stream()):
-                if drafts:
-                    out = model(mx.array([fed], dtype=mx.int32), cache=cache)
+                x = mx.array([fed], dtype=mx.int32)
+                if observe is not None:
+                    out, hidden = model(x, cache=cache, return_hidden=True)
+                    observe(held, fed, hidden[0])
                     logits = out[0, len(feed) - 1 :]
+                elif drafts:
+                    logits = model(x, cache=cache)[0, len(feed) - 1 :]
                 else:  # nothing to verify: the compiled one-token step
                     logits = decode(model, feed, cache)
                 rows = _rows(processors, history, fed, logits)
             # Queued first, handed on after: the caller's work on these tokens (detokenizing,
             # drawing) overlaps the forward, as in plain decoding.
             mx.async_eval(rows)
-            if not timing.first_token:
-                timing.first_token = time.perf_counter()
-            for t in feed:
-                held += 1
-                yield t, t != replaced
-            history += feed
+            yield from hand_on(feed, replaced)
             emitted = verifier.verify(rows, drafts, q)
             kept = len(emitted) - 1
-            rewind(cache, held + kept)  # then one more per kept draft, as it is handed on
+            _rewind(cache, held + kept)  # then one more per kept draft, as it is handed on
             stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + kept
             stats.steps, stats.tokens = stats.steps + 1, stats.tokens + len(emitted)
             length.update(len(drafts), kept)
@@ -417,7 +359,7 @@ def _speculate(
             for d in emitted[:-1]:  # kept drafts, already in the cache
                 forced = override(d) if override is not None else None
                 if forced is not None:  # the budget replaces d: d and later drafts go
-                    rewind(cache, held)
+                    _rewind(cache, held)
                     feed, replaced = list(forced), d
                     break
                 held += 1
@@ -429,4 +371,20 @@ def _speculate(
     finally:
         # Stopped (or interrupted) mid-way: keep only what the output agrees with.
         if cache_offset(cache) > held:
-            rewind(cache, held)
+            _rewind(cache, held)
+        _drop_states(cache, marks)
+
+
+@dataclass
+class _Observed:
+    """The target for a prefill whose hidden states a drafter reads (MTP): logits as the
+    plain call returns them, each chunk's hidden states handed to `observe`."""
+
+    model: Any
+    observe: Any
+
+    def __call__(self, inputs: mx.array, cache: list, last_only: bool = False) -> mx.array:
+        start = cache_offset(cache)
+        logits, hidden = self.model(inputs, cache=cache, last_only=last_only, return_hidden=True)
+        self.observe(start, inputs[0].tolist(), hidden[0])
+        return logits
