@@ -212,8 +212,9 @@ def chat(
     hosts: str | None = typer.Option(None, "--hosts", metavar="FILE", help=cli_hosts.HOSTS_HELP),
     parallel: str | None = typer.Option(None, "--parallel", help=cli_hosts.PARALLEL_HELP),
     backend: str | None = typer.Option(None, "--backend", help=cli_hosts.BACKEND_HELP),
-    speculate: str = typer.Option("auto", "--speculate", metavar="auto|off|lookup|draft",
-        help="Speculative decoding (exact: the same output, faster when drafts are right)."),
+    speculate: str = typer.Option("auto", "--speculate", metavar="auto|off|lookup|draft|mtp",
+        help="Speculative decoding (exact: the same output, faster when drafts are right); "
+             "mtp drafts with the model's own multi-token-prediction head."),
     draft: str | None = typer.Option(None, "--draft", metavar="MODEL",
         help="Draft model for --speculate draft (sharing the tokenizer)."),
     template_args: list[str] | None = typer.Option(None, "--template-arg", metavar="NAME=VALUE",
@@ -262,6 +263,11 @@ def chat(
         context_length=loaded.context_length,
         template_kwargs=template_kwargs,
     )  # fmt: skip
+    if speculation is not None and speculation.method == "mtp" and not speculation.auto:
+        try:
+            speculation.check_mtp(loaded.model)
+        except SpeculationError as e:
+            raise usage_exit(str(e)) from None
     if speculation is not None and speculation.method == "draft":
         d = cli_hosts.open_chat_model(draft, bits=bits)
         try:
