@@ -214,12 +214,61 @@ def test_a_mostly_right_head_is_mostly_accepted_and_exact(arch, tmp_path) -> Non
 def test_a_quantized_model_drafts_with_a_quantized_head(tmp_path) -> None:
     import mlx.nn as nn
 
+    from qwen3_chat.weights.loader import save_model
+
     path, _ = make_hybrid("qwen3_next", tmp_path / "ckpt", seed=6)
-    model = load_model(add_mtp(path, mostly_right=True), bits=8)
-    assert isinstance(mtp_head(model).fc, nn.QuantizedLinear)
+    loaded = load_model(add_mtp(path, mostly_right=True), bits=8)
+    # What `qwen3 convert --bits 8` writes: the head's tensors kept as stored, beside.
+    model = load_model(save_model(loaded, None, tmp_path / "q8"))
+    assert model.config.quantization and isinstance(mtp_head(model).fc, nn.QuantizedLinear)
     spec = make_speculation("mtp")
     assert spec_tokens(spec, model, PROMPT, 30) == plain_tokens(model, PROMPT, 30)
     assert spec.stats.accepted > 0
+
+
+def forcing():
+    """An override (the thinking budget's role) replacing a few tokens by a forced run."""
+    calls = []
+
+    def override(token: int) -> list[int] | None:
+        calls.append(token)
+        return [5, 6, 7] if len(calls) in (3, 9, 10, 20) else None
+
+    return override
+
+
+def test_forced_runs_with_mtp_drafts_match_plain(next_partial) -> None:
+    model = next_partial
+    plain = generate_tokens(model, PROMPT, model.make_cache(), make_sampler(GREEDY), [],
+                            forcing())  # fmt: skip
+    want = [next(plain)[0] for _ in range(50)]
+    spec = make_speculation("mtp")
+    stream = spec.tokens(model, PROMPT, model.make_cache(), GREEDY, [], forcing(), 512,
+                         TokenStream())  # fmt: skip
+    got = [next(stream)[0] for _ in range(50)]
+    stream.close()
+    assert got == want and got.count(6) >= 3 and spec.stats.accepted > 0
+
+
+def test_stopping_mid_step_leaves_every_layer_as_if_only_the_output_was_fed(next_partial):
+    """A stop (or Ctrl-C) right after a kept draft: the cache goes back to what was handed
+    out, and the linear layers' states equal a fresh prefill of exactly that text."""
+    model = next_partial
+    for n in (7, 12, 23):
+        cache = model.make_cache()
+        spec = make_speculation("mtp")
+        stream = spec.tokens(model, PROMPT, cache, GREEDY, [], None, 512, TokenStream())
+        out = [next(stream)[0] for _ in range(n)]
+        stream.close()
+        fresh = model.make_cache()
+        model(mx.array([[*PROMPT, *out]]), cache=fresh)
+        mx.eval([c.state for c in fresh])
+        for c, f in zip(cache, fresh, strict=True):
+            assert c.offset == f.offset == len(PROMPT) + n
+            if isinstance(c, LinearCache):
+                assert np.allclose(np.array(c.recurrent), np.array(f.recurrent), atol=1e-4)
+                assert np.allclose(np.array(c.conv), np.array(f.conv), atol=1e-5)
+                assert not c.marked and not c.snapshot_at
 
 
 def test_sampled_mtp_is_reproducible_and_keeps_the_target_distribution(next_partial) -> None:
