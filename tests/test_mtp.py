@@ -330,6 +330,22 @@ def test_stats_report_mtp(next_partial, tiny) -> None:
     assert speculation_line(stats).startswith("speculation (mtp): ")
 
 
+def test_a_head_that_does_not_fit_is_said_once_and_decoding_goes_on(tmp_path) -> None:
+    from qwen3_chat.errors import ModelLoadError
+
+    path, _ = make_hybrid("qwen3_next", tmp_path / "ckpt", seed=7)
+    f = add_mtp(path) / "model.safetensors"
+    t = load_file(str(f))
+    t["mtp.fc.weight"] = t["mtp.fc.weight"][:, :10]  # not [H, 2H]
+    save_file(t, str(f), metadata={"format": "pt"})
+    model = load_model(path)
+    with pytest.raises(ModelLoadError, match="MTP head"):
+        make_speculation("mtp").check_mtp(model)
+    for method in ("mtp", "auto"):
+        spec = make_speculation(method)
+        assert not spec.applies(model, model.make_cache()) and "MTP head" in spec.reason
+
+
 def test_make_speculation_knows_mtp() -> None:
     assert make_speculation("mtp").method == "mtp"
     with pytest.raises(SpeculationError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen3_chat.engine.generate import generation_stream
+from qwen3_chat.engine.generate import cache_offset, generation_stream
 from qwen3_chat.engine.sampling import SamplingParams
 from qwen3_chat.engine.speculative import SpeculationError
 from qwen3_chat.engine.verify import Verifier
@@ -45,8 +45,6 @@ class MTPDrafter:
         head = mtp_head(self.model)
         if head is None:
             raise SpeculationError("the model has no MTP head")
-        if len(head.layers) != 1:
-            raise SpeculationError(f"MTP with {len(head.layers)} layers is not supported (1)")
         self.head = head
         self.cache = head.make_cache()
         self.base: int | None = None  # the target's cache offset at ids[0]
@@ -119,3 +117,19 @@ class MTPDrafter:
         for c in self.cache:  # the chained entries were speculative
             c.trim(c.offset - self.entries)
         return drafts, (mx.stack(qs) if qs else None)
+
+
+@dataclass
+class Observed:
+    """The target for a prefill whose hidden states a drafter reads: logits as the plain
+    call returns them, each chunk's hidden states handed to `observe` (so generate.prefill,
+    with its chunking and interrupt handling, serves MTP too)."""
+
+    model: Any
+    observe: Any
+
+    def __call__(self, inputs: mx.array, cache: list, last_only: bool = False) -> mx.array:
+        start = cache_offset(cache)
+        logits, hidden = self.model(inputs, cache=cache, last_only=last_only, return_hidden=True)
+        self.observe(start, inputs[0].tolist(), hidden[0])
+        return logits

@@ -51,6 +51,10 @@ AUTO_MIN_PROMPT = 256
 
 
 class Drafter(Protocol):
+    """extend() hears every token the output kept; draft(k) proposes (ids, q or None).
+    A drafter that also has observe(start, tokens, hidden) (MTP) gets every target
+    forward's final hidden states, so each step then runs the full forward."""
+
     def extend(self, tokens: Sequence[int]) -> None: ...
 
     def draft(self, k: int) -> tuple[list[int], mx.array | None]: ...
@@ -125,13 +129,15 @@ class Speculation:
         self.draft_model = draft_model
 
     def check_mtp(self, model) -> None:
-        """--speculate mtp needs the checkpoint's own head (`mtp.*` tensors)."""
-        from qwen3_chat.models.mtp import has_mtp
+        """--speculate mtp needs the checkpoint's own head (`mtp.*` tensors); building it
+        here says at once (ModelLoadError) when its tensors do not fit."""
+        from qwen3_chat.models.mtp import has_mtp, mtp_head
 
         if not has_mtp(model):
             raise SpeculationError(
                 "--speculate mtp: this model has no MTP head (no mtp.* tensors in its folder)"
             )
+        mtp_head(model)
 
     def report(self) -> dict:
         """For GenerationStats: what the latest request drafted and kept."""
@@ -153,6 +159,15 @@ class Speculation:
         if self.method == "mtp" and not has_mtp(model):
             self.reason = "the model has no MTP head"
             return False
+        if (self.method == "mtp" or self.auto) and has_mtp(model):
+            from qwen3_chat.errors import ModelLoadError
+            from qwen3_chat.models.mtp import mtp_head
+
+            try:
+                mtp_head(model)
+            except ModelLoadError as e:  # a head that does not load: decode plainly, say why
+                self.reason = str(e)
+                return False
         self.reason = None
         return True
 
@@ -274,8 +289,13 @@ def _speculate(
     timing.start = time.perf_counter()
     timing.prefill_tokens = len(prompt_ids)
     with mx.stream(generation_stream()):
-        target = model if observe is None else _Observed(model, observe)
-        logits = prefill(target, prompt_ids, cache, prefill_step)
+        if observe is not None:
+            from qwen3_chat.engine.mtp import Observed
+
+            model_or_observed = Observed(model, observe)
+        else:
+            model_or_observed = model
+        logits = prefill(model_or_observed, prompt_ids, cache, prefill_step)
     y = verifier.verify(_rows(processors, [], [], logits), [])[0]
     held = cache_offset(cache)  # tokens the cache holds that the output agrees with
 
@@ -373,18 +393,3 @@ def _speculate(
         if cache_offset(cache) > held:
             _rewind(cache, held)
         _drop_states(cache, marks)
-
-
-@dataclass
-class _Observed:
-    """The target for a prefill whose hidden states a drafter reads (MTP): logits as the
-    plain call returns them, each chunk's hidden states handed to `observe`."""
-
-    model: Any
-    observe: Any
-
-    def __call__(self, inputs: mx.array, cache: list, last_only: bool = False) -> mx.array:
-        start = cache_offset(cache)
-        logits, hidden = self.model(inputs, cache=cache, last_only=last_only, return_hidden=True)
-        self.observe(start, inputs[0].tolist(), hidden[0])
-        return logits

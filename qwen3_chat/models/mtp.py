@@ -85,7 +85,9 @@ def mtp_head(model) -> MTPHead | None:
     if head is not None or not has_mtp(model):
         return head
     config = model.config
-    head = MTPHead(config, mtp_layers(config))
+    if mtp_layers(config) != 1:  # every released head has one; chaining more is untested
+        raise ModelLoadError(f"an MTP head of {mtp_layers(config)} layers is not supported")
+    head = MTPHead(config)
     # Reuse the model's own mapping (fused or per-expert experts -> stacked switch_mlp) by
     # naming the tensors as a main-model layer would be named, then strip that prefix again.
     named = {"model." + k[len(MTP_PREFIX) :]: v for k, v in model.mtp_weights.items()}
