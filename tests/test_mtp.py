@@ -350,3 +350,33 @@ def test_make_speculation_knows_mtp() -> None:
     assert make_speculation("mtp").method == "mtp"
     with pytest.raises(SpeculationError):
         make_speculation("mtp", "some-draft")
+
+
+def test_a_chat_session_with_mtp_says_what_it_says_without(qwen3_tokenizer_dir, tmp_path):
+    """Turns, a thinking budget's forced closing and /retry on a hybrid with a head: the
+    session's own snapshots (requested inside the prompt) survive the drafts' kept states."""
+    from qwen3_chat import ChatSession
+    from qwen3_chat.engine.events import Finished
+    from qwen3_chat.weights.loader import load
+
+    path, _ = make_hybrid("qwen3_next", tmp_path / "ckpt", seed=8,
+                          tokenizer_dir=qwen3_tokenizer_dir, vocab_size=151936,
+                          tie_word_embeddings=False)  # fmt: skip
+    model, tok = load(add_mtp(path, mostly_right=True, damp=0.3))
+
+    def run(speculation) -> list[tuple[list[int], int, dict | None]]:
+        s = ChatSession(model, tok, sampling=GREEDY, max_tokens=12, budget=6)
+        s.speculation = speculation
+        out = []
+        for turn in (lambda: s.send("Hello there"), lambda: s.send("And again?"), s.retry):
+            done = [e for e in turn() if isinstance(e, Finished)][0]
+            out.append((done.token_ids, done.stats.prefill_tokens, done.stats.speculation))
+        assert s.snapshots.points  # the session still has its rewind points
+        return out
+
+    plain, spec = run(None), run(make_speculation("auto"))
+    # The same tokens, and the same prefills: turn 2 and the retry resumed from the same
+    # snapshots.
+    assert [t[:2] for t in spec] == [t[:2] for t in plain]
+    assert all(sp["method"] == "mtp" for *_, sp in spec)
+    assert sum(sp["accepted"] for *_, sp in spec) > 0
