@@ -268,8 +268,24 @@ def chat(
             speculation.check_mtp(loaded.model)
         except SpeculationError as e:
             raise usage_exit(str(e)) from None
+    draft_bits = bits
+    if speculation is not None and draft is None and (  # a draft model from disk
+            speculation.method == "draft" or (speculation.auto and hosts is None)):
+        import mlx.core as mx
+
+        from qwen3_chat.engine.speculative import Speculation
+        from qwen3_chat.hub.drafts import find_draft
+
+        choice = find_draft(loaded.name, loaded.path, loaded.bits, auto=speculation.auto,
+                            gpu=mx.default_device() != mx.cpu)  # fmt: skip
+        if choice is not None and choice.draft is None:
+            raise usage_exit(f"--speculate draft needs --draft MODEL: {choice.why}")
+        if choice is not None and choice.draft is not None:
+            typer.echo(f"using {choice.why}", err=True)
+            draft, draft_bits = choice.draft.name, choice.draft.bits
+            speculation = Speculation("draft", auto=speculation.auto)
     if speculation is not None and speculation.method == "draft":
-        d = cli_hosts.open_chat_model(draft, bits=bits)
+        d = cli_hosts.open_chat_model(draft, bits=draft_bits)
         try:
             speculation.use_draft(d.model, d.tokenizer, loaded.model, loaded.tokenizer)
         except SpeculationError as e:

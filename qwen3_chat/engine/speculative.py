@@ -72,13 +72,12 @@ def make_speculation(method: str, draft: str | None = None) -> Speculation | Non
     auto is the model's own MTP head when it has one (trained to draft, exact either way),
     else prompt lookup for prompts long enough to be quoted (code review, edits, pasted
     text): on a short prompt drafts rarely hold, and on a CPU a rejected draft costs more
-    than the compiled plain step it replaces (bench/speed.py measures both)."""
+    than the compiled plain step it replaces (bench/speed.py measures both). draft with no
+    MODEL: the caller picks one (hub.drafts), and auto may become a draft model there."""
     if method not in METHODS:
         raise SpeculationError(f"--speculate must be one of {', '.join(METHODS)}, not {method!r}")
     if draft is not None and method != "draft":
         raise SpeculationError("--draft needs --speculate draft")
-    if method == "draft" and draft is None:
-        raise SpeculationError("--speculate draft needs --draft MODEL")
     if method == "off":
         return None
     return Speculation("lookup" if method == "auto" else method, auto=method == "auto")
@@ -109,7 +108,7 @@ class Speculation:
     method: str = "lookup"
     max_ngram: int = 4
     draft_model: Any = None  # for "draft": a model sharing the tokenizer (engine.draft)
-    auto: bool = False  # MTP if the model has a head, else lookup for long prompts only
+    auto: bool = False  # MTP head if any, else the draft model set, else lookup (long prompts)
     # The ids already in the cache before `prompt_ids` (ChatSession sets them each turn):
     # what earlier turns said can be quoted too.
     context: Sequence[int] = ()
