@@ -198,3 +198,22 @@ def test_speculate_draft_with_nothing_on_disk_is_one_line(target):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "--speculate draft needs --draft MODEL" in lines[0]
     assert "sharing" in lines[0] and "on disk" in lines[0], lines[0]
+
+
+def test_auto_finds_the_draft_only_for_a_big_dense_target_on_a_gpu(tmp_path, draft_on_disk):
+    """find_draft as the CLI asks it, in a fresh process (the HF cache is read at import):
+    an 8B-shaped target (config only: a draft's choice reads no weights) gets the draft on a
+    GPU and nothing on a CPU."""
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({**DENSE, **CONFIGS["qwen3-8b"]}))
+    probe = (
+        "import sys\nfrom pathlib import Path\nfrom qwen3_chat.hub.drafts import find_draft\n"
+        "for gpu in (True, False):\n"
+        "    c = find_draft('big', Path(sys.argv[1]), 4, auto=True, gpu=gpu)\n"
+        "    print(c and (c.draft.name, c.draft.bits))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(big)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["('tiny-draft', 16)", "None"], out.stdout
