@@ -165,6 +165,8 @@ def find_draft(name: str, path: Path, bits: int, *, auto: bool, gpu: bool) -> Dr
     from qwen3_chat.hub.open import machine_memory, registry_entry
     from qwen3_chat.hub.registry import load_registry
 
+    if auto and not gpu:  # draft_pays says no whatever the target: read nothing
+        return None
     entry = registry_entry(name)
     target = model_facts(name, path, bits, entry)
     if target is None:
