@@ -225,12 +225,9 @@ def chat(
     overrides = _overrides(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                            presence_penalty=presence_penalty, seed=seed)  # fmt: skip
     template_kwargs = _template_kwargs(template_args or [])
-    from qwen3_chat.engine.speculative import SpeculationError, make_speculation
+    from qwen3_chat.cli.speculation import parse_request, start_speculation
 
-    try:
-        speculation = make_speculation(speculate, draft)
-    except SpeculationError as e:
-        raise usage_exit(str(e)) from None
+    request = parse_request(speculate, draft, bits=bits, distributed=hosts is not None)
     if budget is not None and no_budget:
         raise usage_exit("--budget and --no-budget cannot be used together")
     if as_json and as_jsonl:
@@ -263,34 +260,7 @@ def chat(
         context_length=loaded.context_length,
         template_kwargs=template_kwargs,
     )  # fmt: skip
-    if speculation is not None and speculation.method == "mtp" and not speculation.auto:
-        try:
-            speculation.check_mtp(loaded.model)
-        except SpeculationError as e:
-            raise usage_exit(str(e)) from None
-    draft_bits = bits
-    if speculation is not None and draft is None and (  # a draft model from disk
-            speculation.method == "draft" or (speculation.auto and hosts is None)):
-        import mlx.core as mx
-
-        from qwen3_chat.engine.speculative import Speculation
-        from qwen3_chat.hub.drafts import find_draft
-
-        choice = find_draft(loaded.name, loaded.path, loaded.bits, auto=speculation.auto,
-                            gpu=mx.default_device() != mx.cpu)  # fmt: skip
-        if choice is not None and choice.draft is None:
-            raise usage_exit(f"--speculate draft needs --draft MODEL: {choice.why}")
-        if choice is not None and choice.draft is not None:
-            typer.echo(f"using {choice.why}", err=True)
-            draft, draft_bits = choice.draft.name, choice.draft.bits
-            speculation = Speculation("draft", auto=speculation.auto)
-    if speculation is not None and speculation.method == "draft":
-        d = cli_hosts.open_chat_model(draft, bits=draft_bits)
-        try:
-            speculation.use_draft(d.model, d.tokenizer, loaded.model, loaded.tokenizer)
-        except SpeculationError as e:
-            raise usage_exit(str(e)) from None
-    session.speculation = speculation
+    session.speculation = start_speculation(request, loaded)
     from qwen3_chat.cli.attachments import read_attachments, with_attachments
 
     attached = read_attachments(files or [], session)
@@ -299,7 +269,7 @@ def chat(
 
         switch = open_with_status if hosts is None else cli_hosts.refuse_model_switch
         Repl(session, loaded, open_model=switch, show_thinking=show_thinking,
-             attachments=attached, resume=resume).run()  # fmt: skip
+             attachments=attached, resume=resume, speculate=request).run()  # fmt: skip
         return
     text = with_attachments(text, attached)
     from qwen3_chat.cli.oneshot import one_shot

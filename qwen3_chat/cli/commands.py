@@ -300,14 +300,13 @@ def _model(repl: Repl, arg: str) -> None:
         raise Qwen3ChatError("usage: /model NAME")
     try:
         repl.say(f"loading {arg} … (Ctrl-C cancels)", "dim")
-        loaded = repl.open_model(arg)
+        note = repl.switch(repl.open_model(arg))
     except KeyboardInterrupt:
         repl.say(f"model switch cancelled; still chatting with {repl.loaded.name}", "yellow")
         return
-    data = repl.session.to_dict()
-    repl.loaded = loaded
-    repl.restore(data)
-    repl.say(f"now chatting with {loaded.name} ({loaded.capability})")
+    repl.say(f"now chatting with {repl.loaded.name} ({repl.loaded.capability})")
+    if note:
+        repl.say(sanitize(note), "yellow")
 
 
 Handler = Callable[["Repl", str], None]

@@ -23,6 +23,7 @@ from qwen3_chat.cli.commands import COMMANDS, run_command
 from qwen3_chat.cli.conversations import ConversationStore
 from qwen3_chat.cli.history import open_history
 from qwen3_chat.cli.render import LiveTurn, make_console
+from qwen3_chat.cli.speculation import SpeculationRequest, resolve
 from qwen3_chat.cli.terminal import (
     InterruptGuard,
     discard_typeahead,
@@ -100,6 +101,7 @@ class Repl:
     console: Console = field(default_factory=make_console)
     attachments: list[Attachment] = field(default_factory=list)  # for the next message
     resume: str | None = None  # a conversation id, or "latest"
+    speculate: SpeculationRequest = field(default_factory=SpeculationRequest)  # for /model
     store: ConversationStore = field(default_factory=ConversationStore)
     conversation_id: str = field(default_factory=ConversationStore.new_id)
     _toolbar: str = ""
@@ -124,16 +126,30 @@ class Repl:
     def restore(self, data: dict[str, Any], *, check: bool = False) -> None:
         """Replace the session by a saved one, on the current model; `check` a file's data.
 
-        The new session is built (and checked) before it replaces the current one."""
+        The new session is built (and checked) before it replaces the current one; the
+        speculation goes on (a saved conversation does not hold it)."""
         from qwen3_chat.chat.session import ChatSession
 
         if check:
             settings.check_saved(data)
+        speculation = self.session.speculation
         self.session = ChatSession.from_dict(
             self.loaded.model, self.loaded.tokenizer, data,
             capability=self.loaded.capability, context_length=self.loaded.context_length,
             mode_sampling=self.loaded.mode_sampling,
         )  # fmt: skip
+        self.session.speculation = speculation
+
+    def switch(self, loaded: Any) -> str | None:
+        """Chat on with `loaded`, keeping the conversation; the user's --speculate is
+        resolved again for it (first: Ctrl-C while a draft loads changes nothing). Returns
+        a note to show: a draft chosen from disk, or why speculation is off."""
+        speculation, note = resolve(self.speculate, loaded, strict=False)
+        data = self.session.to_dict()
+        self.loaded = loaded
+        self.restore(data)
+        self.session.speculation = speculation
+        return note
 
     def autosave(self, pending: str | None = None) -> bool:
         """Save the conversation (plus a question about to be sent) under its id, atomically.
