@@ -132,22 +132,26 @@ class Repl:
 
         if check:
             settings.check_saved(data)
-        speculation = self.session.speculation
-        self.session = ChatSession.from_dict(
+        session = ChatSession.from_dict(
             self.loaded.model, self.loaded.tokenizer, data,
             capability=self.loaded.capability, context_length=self.loaded.context_length,
             mode_sampling=self.loaded.mode_sampling,
         )  # fmt: skip
-        self.session.speculation = speculation
+        session.speculation = self.session.speculation
+        self.session = session
 
     def switch(self, loaded: Any) -> str | None:
         """Chat on with `loaded`, keeping the conversation; the user's --speculate is
         resolved again for it (first: Ctrl-C while a draft loads changes nothing). Returns
         a note to show: a draft chosen from disk, or why speculation is off."""
         speculation, note = resolve(self.speculate, loaded, strict=False)
-        data = self.session.to_dict()
+        data, old = self.session.to_dict(), self.loaded
         self.loaded = loaded
-        self.restore(data)
+        try:
+            self.restore(data)
+        except BaseException:  # still the old model with its conversation, as /model says
+            self.loaded = old
+            raise
         self.session.speculation = speculation
         return note
 
