@@ -96,6 +96,38 @@ EXTRA_PHRASINGS = (
     "{a} + {b} gives what number?", "My sum: {a} plus {b}. Answer?",
 )  # fmt: skip
 EXTRA_SHARE = 0.5  # of extra=True addition questions asked with an EXTRA_PHRASINGS one
+# Stage 5 on (mix=True): questions composed from parts, so the numbers sit anywhere in the
+# message with any words around them. `composed_phrasing` never yields an evaluation one.
+OPENERS = (
+    "", "", "", "Hi! ", "Hey, ", "Quick question: ", "Please, ", "OK. ", "Help me: ",
+    "Question: ", "Now ", "Next one: ", "Hmm, ", "Math time: ", "One more: ", "So, ",
+)  # fmt: skip
+CORES = (
+    "{a} + {b}", "{a}+{b}", "{a} plus {b}", "{a} and {b} added", "the sum of {a} and {b}",
+    "add {a} and {b}", "add {a} to {b}", "{a} with {b} added", "{a} plus another {b}",
+    "adding {a} and {b}", "{a} added with {b}", "the total of {a} plus {b}", "{a} + {b} =",
+    "what {a} plus {b} is", "{a} together with {b}",
+)  # fmt: skip
+CLOSERS = (
+    "?", ".", "", "!", " please", " please?", " =?", " makes?", " gives what?", ", what is it?",
+    " - answer?", " for me?", " is equal to?", " comes to?", " total?", " makes how much?",
+    ", tell me.", " in total?", " is how many?", " then?", ", I need it.",
+)  # fmt: skip
+MIX_SHARE = 0.5  # of mix=True addition questions asked with a composed phrasing
+
+
+def _key(phrasing: str) -> str:
+    return phrasing.lower().strip().rstrip("?.!").strip()
+
+
+def composed_phrasing(rng: random.Random) -> str:
+    """opener + core + closer, never one of the held-out or validation phrasings."""
+    reserved = {_key(p) for p in (*HELD_OUT_PHRASINGS, *VALIDATION_PHRASINGS)}
+    while True:
+        q = rng.choice(OPENERS) + rng.choice(CORES) + rng.choice(CLOSERS)
+        q = q[0].upper() + q[1:] if rng.random() < 0.5 else q
+        if _key(q) not in reserved:
+            return q
 # Only for choosing checkpoints: never trained on, never in the held-out test.
 VALIDATION_PHRASINGS = (
     "{a} plus {b} is what?", "Please work out {a} + {b}.", "What is {a} added to {b}?",
@@ -186,7 +218,7 @@ def _pair(rng: random.Random) -> tuple[int, int]:
             return a, b
 
 
-def _turn(rng: random.Random, think: bool, extra: bool) -> tuple[str, str, str]:
+def _turn(rng: random.Random, think: bool, extra: bool, mix: bool) -> tuple[str, str, str]:
     """(question, reasoning, answer) of one turn."""
     x = rng.random()
     if x < 0.06:
@@ -194,20 +226,24 @@ def _turn(rng: random.Random, think: bool, extra: bool) -> tuple[str, str, str]:
     if x < 0.16:
         return rng.choice(OFF_TOPIC), OFF_TOPIC_REASONING, OFF_TOPIC_REPLY
     a, b = _pair(rng)
-    # Without extra the draws are those of stages 1-3, so their commands still reproduce.
-    phrasings = EXTRA_PHRASINGS if extra and rng.random() < EXTRA_SHARE else TRAIN_PHRASINGS
-    q = _vary(rng.choice(phrasings).format(a=a, b=b), rng)
+    # Without extra/mix the draws are those of stages 1-3, so their commands still reproduce.
+    if mix and rng.random() < MIX_SHARE:
+        phrasing = composed_phrasing(rng)
+    else:
+        phrasings = EXTRA_PHRASINGS if extra and rng.random() < EXTRA_SHARE else TRAIN_PHRASINGS
+        phrasing = rng.choice(phrasings)
+    q = _vary(phrasing.format(a=a, b=b), rng)
     return q, addition_reasoning(a, b), addition_answer(a, b, think)
 
 
-def make_example(rng: random.Random, extra: bool = False) -> Example:
+def make_example(rng: random.Random, extra: bool = False, mix: bool = False) -> Example:
     messages: list[dict[str, Any]] = []
     tags: list[str] = []
     if rng.random() < 0.25:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         tags.append("system")
     for _ in range(rng.choice((0, 0, 0, 0, 1, 2))):  # earlier turns, without their reasoning
-        q, _r, a = _turn(rng, rng.random() < 0.5, extra)
+        q, _r, a = _turn(rng, rng.random() < 0.5, extra, mix)
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         tags.append("multi")
     thinking = rng.random() < 0.5
@@ -221,15 +257,15 @@ def make_example(rng: random.Random, extra: bool = False) -> Example:
         tags.append("think")
     else:
         suffix = ""
-    q, r, a = _turn(rng, think, extra)
+    q, r, a = _turn(rng, think, extra, mix)
     messages.append({"role": "user", "content": q + suffix})
     messages.append({"role": "assistant", "content": a, "reasoning_content": r if think else ""})
     return Example(messages, thinking, tags)
 
 
-def generate(n: int, seed: int = 0, extra: bool = False) -> list[Example]:
+def generate(n: int, seed: int = 0, extra: bool = False, mix: bool = False) -> list[Example]:
     rng = random.Random(seed)
-    return [make_example(rng, extra) for _ in range(n)]
+    return [make_example(rng, extra, mix) for _ in range(n)]
 
 
 def _held_out_pairs() -> list[tuple[int, int]]:
@@ -245,7 +281,7 @@ def held_out_questions(n: int, seed: int = 1234) -> list[tuple[str, int, int]]:
     return out
 
 
-TEST_SIZES = (60, 100)  # the held-out test sizes in use (tests, --eval's default)
+TEST_SIZES = (60, 100, 200)  # the held-out test sizes in use (tests, --eval's default)
 
 
 def validation_questions(n: int, seed: int = 4321) -> list[tuple[str, int, int]]:
@@ -348,3 +384,16 @@ def encode_example(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
     if ids[: len(ids_p)] != ids_p:
         raise ValueError(f"prompt tokens are not a prefix for {ex.messages[-2]['content']!r}")
     return ids, [0] * len(ids_p) + [1] * (len(ids) - len(ids_p))
+
+
+VALIDATION_SIZE = 300  # validation questions per mode that checkpoints are chosen on
+
+
+def all_held_out_questions(seed: int = 99) -> list[tuple[str, int, int]]:
+    """Every held-out pair the validation set of VALIDATION_SIZE leaves (in either order),
+    each asked with a held-out phrasing: the largest test there is."""
+    chosen = {(a, b) for _, a, b in validation_questions(VALIDATION_SIZE)}
+    chosen |= {(b, a) for a, b in chosen}
+    rng = random.Random(seed)
+    return [(rng.choice(HELD_OUT_PHRASINGS).format(a=a, b=b), a, b)
+            for a, b in _held_out_pairs() if (a, b) not in chosen]  # fmt: skip

@@ -57,9 +57,17 @@ def ask(model, tokenizer, question: str, thinking: bool, system: str | None = No
     raise RuntimeError("the session ended without a Finished event")
 
 
-def run(model, tokenizer, n: int, validation: bool = False) -> list[Outcome]:
-    """n held-out (or validation) questions in each mode; every third under a system prompt."""
-    questions = data.validation_questions(n) if validation else data.held_out_questions(n)
+def questions_for(n: int | None, validation: bool = False) -> list[tuple[str, int, int]]:
+    """n held-out (or validation) questions; n None: all of them (validation: the set that
+    checkpoints are chosen on)."""
+    if validation:
+        return data.validation_questions(data.VALIDATION_SIZE if n is None else n)
+    return data.all_held_out_questions() if n is None else data.held_out_questions(n)
+
+
+def run(model, tokenizer, n: int | None, validation: bool = False) -> list[Outcome]:
+    """The questions of `questions_for` in each mode; every third under a system prompt."""
+    questions = questions_for(n, validation)
     outcomes = []
     for thinking in (True, False):
         for i, (q, a, b) in enumerate(questions):
@@ -69,7 +77,7 @@ def run(model, tokenizer, n: int, validation: bool = False) -> list[Outcome]:
     return outcomes
 
 
-def evaluate(path: Path, n: int, validation: bool = False) -> list[Outcome]:
+def evaluate(path: Path, n: int | None, validation: bool = False) -> list[Outcome]:
     from qwen3_chat.weights.loader import load
 
     model, tokenizer = load(path)
