@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "qwen3-tokenizer"
+
+
+def pytest_configure(config) -> None:
+    # Started as a background job of a non-interactive shell, pytest inherits SIGINT ignored
+    # and so would every CLI it spawns: the Ctrl-C tests would test the shell, not us.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _tokenizer_dir() -> Path:
