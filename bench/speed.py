@@ -1,7 +1,7 @@
 """Issue 10 benchmarks: the compiled decode step, turn N, and speculative decoding.
 
-    python bench/speed.py --quick      # a few minutes on a 2-core CPU
-    python bench/run.py --speed        # the same tables after run.py's own
+    python bench/speed.py --quick         # ~10 minutes on a 2-core CPU, all tables below
+    python bench/draft_bench.py --quick   # only the draft-model table (JSON in bench/results)
 
 - micro: a host-bound shape (Qwen3-0.6B depth, 28 layers, narrow layers, an 8k vocabulary
   so lm_head does not dominate, 4-bit): decode tok/s of our compiled step, our eager step
@@ -14,6 +14,8 @@
   copy-heavy and a free-form prompt: acceptance, tokens per target step, wall ratio. On
   random weights the model does not copy, so those rows show the cost when drafts fail;
   the demo model (trained) shows a model whose reasoning repeats itself.
+- draft model (bench/draft_bench.py): our --speculate draft against mlx-lm's --draft-model
+  on the same safetensors folders (a random target and a truncated copy as its draft).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from draft_bench import parser, run_draft, write  # noqa: E402
 from run import (  # noqa: E402
-    DEFAULT_TOKENIZER,
     LOREM,
     ban,
     build_models,
@@ -225,7 +227,9 @@ def run_all(args) -> str:
     ask = demo_tok.apply_chat_template([{"role": "user", "content": "What is 27 + 45?"}])
     spec.append(bench_speculation(demo, demo_tok, "demo model (trained), thinking", ask,
                                   args.decode, args.reps))  # fmt: skip
-    return tables(micro, turn, spec, args.decode)
+    draft = write(run_draft(args.tokenizer, args.decode, args.reps), args.out, args.reps,
+                  args.decode)  # fmt: skip
+    return tables(micro, turn, spec, args.decode) + "\n\n" + draft
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -233,11 +237,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--decode", type=int, default=None)
+    ap = parser(__doc__)
     add_arguments(ap)
     args = ap.parse_args()
     args.reps = args.reps or (3 if args.quick else 5)
