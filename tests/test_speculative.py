@@ -191,6 +191,19 @@ def test_the_context_limit_holds_with_drafts(tiny) -> None:
     assert all(c.offset <= ctx for c in cache)
 
 
+def test_drafts_stop_where_max_tokens_ends_the_reply(tiny) -> None:
+    """The last steps draft only what the reply can still show: nothing past max_tokens is
+    verified or counted as accepted (the stats once said 10 of 10 for an 8-token reply)."""
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    spec = Speculation("draft", draft_model=model)  # the target drafting for itself: all kept
+    got = final(stream_generate(model, tok, ids, sampling=GREEDY, max_tokens=8,
+                                speculation=spec))  # fmt: skip
+    plain = final(stream_generate(model, tok, ids, sampling=GREEDY, max_tokens=8))
+    assert got.token_ids == plain.token_ids and got.stats.finish_reason == "length"
+    assert 0 < spec.stats.accepted == spec.stats.drafted <= len(got.token_ids) - 1, spec.stats
+
+
 def test_ctrl_c_mid_verification_leaves_a_consistent_cache() -> None:
     model = build(tiny_config())
     body = np.random.default_rng(4).integers(0, 512, 30).tolist()

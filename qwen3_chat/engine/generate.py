@@ -326,9 +326,14 @@ def stream_generate(
     if speculation is not None and speculation.applies(model, cache):
         # Speculation verifies drafts against processors over the ids (penalties included).
         processors = [*make_logits_processors(sampling), *logits_processors]
+
+        def answer_left() -> int | None:
+            # max_tokens bounds the answer only: while reasoning, nothing caps the drafts.
+            return None if phase.inside else max_tokens - text.counts[Kind.ANSWER]
+
         tokens = speculation.tokens(
             model, prompt_ids, cache, sampling, processors, override, prefill_step, timing,
-            limit=context,
+            limit=context, left=answer_left,
         )  # fmt: skip
     else:
         penalties = Penalties(sampling) if has_penalties(sampling) else None

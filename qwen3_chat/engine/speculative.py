@@ -20,7 +20,7 @@ and the caller's stop rules, one by one, exactly as in plain decoding.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -181,8 +181,11 @@ class Speculation:
         prefill_step: int,
         timing: TokenStream,
         limit: int | None = None,
+        left: Callable[[], int | None] | None = None,
     ) -> Iterator[tuple[int, bool]]:
-        """The token layer of stream_generate, speculating: yields (token id, forced)."""
+        """The token layer of stream_generate, speculating: yields (token id, forced).
+        `limit` is the context; `left()` how many more tokens the reply can show (None:
+        unbounded for now), so drafts never run past what would be shown."""
         from qwen3_chat.models.mtp import has_mtp
 
         method = "mtp" if self.auto and has_mtp(model) else self.method
@@ -213,7 +216,7 @@ class Speculation:
             drafter.extend([*self.context, *prompt_ids])  # the whole conversation
         return _speculate(
             model, prompt_ids, cache, Verifier(sampling), list(processors), override, drafter,
-            self.stats, prefill_step, timing, limit,
+            self.stats, prefill_step, timing, limit, left,
         )  # fmt: skip
 
 
@@ -276,6 +279,7 @@ def _speculate(
     prefill_step: int,
     timing: TokenStream,
     limit: int | None,
+    left: Callable[[], int | None] | None = None,
 ) -> Iterator[tuple[int, bool]]:
     decode = decoder_for(model)
     sample = make_sampler(verifier.params)  # plain steps: the same distribution, lazily
@@ -319,6 +323,8 @@ def _speculate(
                 feed, replaced = ([y] if forced is None else list(forced)), y
             drafter.extend(feed)
             room = (limit - held - len(feed) - 1) if limit else length.high
+            if left is not None and (shown := left()) is not None:
+                room = min(room, shown - len(feed))  # the fed tokens are shown first
             drafts, q = drafter.draft(min(length.next(), room))
             if not drafts and not processors and observe is None:
                 # Nothing to verify: plain steps, each queued before the token it follows
