@@ -20,7 +20,7 @@ and the caller's stop rules, one by one, exactly as in plain decoding.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -312,6 +312,20 @@ def _speculate(
             yield t, t != replaced
         history.extend(feed)
 
+    def keep(t: int) -> Generator[tuple[int, bool], None, list[int] | None]:
+        """Hand on `t`, already in the cache, unless the budget forces a run in its place:
+        then `t` (and what follows it) leaves the cache and the run is returned."""
+        nonlocal held
+        forced = override(t) if override is not None else None
+        if forced is not None:
+            _rewind(cache, held)
+            return list(forced)
+        held += 1
+        yield t, False
+        history.append(t)
+        drafter.extend([t])
+        return None
+
     try:
         feed: list[int] | None = None  # tokens to feed next (forced ones, or the pending y)
         replaced = y  # the token `feed` stands for (a forced run replaces it)
@@ -340,15 +354,10 @@ def _speculate(
                     mx.async_eval(after)
                     y = nxt.item()
                     stats.steps, stats.tokens = stats.steps + 1, stats.tokens + 1
-                    forced = override(y) if override is not None else None
-                    if forced is not None:  # y is replaced: it leaves the cache again
-                        _rewind(cache, held)
-                        feed, replaced = list(forced), y
+                    forced = yield from keep(y)
+                    if forced is not None:  # y is replaced: it left the cache again
+                        feed, replaced = forced, y
                         break
-                    held += 1
-                    yield y, False
-                    history.append(y)
-                    drafter.extend([y])
                     if length.next() and drafter.ready():
                         y = after.item()  # the pending token; drafts follow it
                         stats.steps, stats.tokens = stats.steps + 1, stats.tokens + 1
@@ -382,15 +391,10 @@ def _speculate(
             length.update(len(drafts), kept)
             feed = None
             for d in emitted[:-1]:  # kept drafts, already in the cache
-                forced = override(d) if override is not None else None
+                forced = yield from keep(d)
                 if forced is not None:  # the budget replaces d: d and later drafts go
-                    _rewind(cache, held)
-                    feed, replaced = list(forced), d
+                    feed, replaced = forced, d
                     break
-                held += 1
-                yield d, False
-                history.append(d)
-                drafter.extend([d])
             if feed is None:
                 y = emitted[-1]
     finally:
