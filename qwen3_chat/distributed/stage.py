@@ -48,10 +48,7 @@ class Stage:
             h = inner.layers[i](h, c, last_only=last_only and i == self.n_layers - 1)
         if not (self.last and self.head):
             return h
-        h = inner.norm(h)
-        if self.config.tie_word_embeddings:
-            return inner.embed_tokens.as_linear(h)
-        return self.model.lm_head(h)
+        return self.model.head(h)
 
     @property
     def nbytes(self) -> int:
