@@ -96,6 +96,11 @@ EXTRA_PHRASINGS = (
     "{a} + {b} gives what number?", "My sum: {a} plus {b}. Answer?",
 )  # fmt: skip
 EXTRA_SHARE = 0.5  # of extra=True addition questions asked with an EXTRA_PHRASINGS one
+# Only for choosing checkpoints: never trained on, never in the held-out test.
+VALIDATION_PHRASINGS = (
+    "{a} plus {b} is what?", "Please work out {a} + {b}.", "What is {a} added to {b}?",
+    "{a} + {b} comes to?", "Could you total {a} and {b}?", "Sum {a} and {b} please",
+)  # fmt: skip
 # Stage 5 on (mix=True): questions composed from parts, so the numbers sit anywhere in the
 # message with any words around them. `composed_phrasing` never yields an evaluation one.
 OPENERS = (
@@ -120,19 +125,18 @@ def _key(phrasing: str) -> str:
     return phrasing.lower().strip().rstrip("?.!").strip()
 
 
+_EVALUATION_KEYS = frozenset(_key(p) for p in (*HELD_OUT_PHRASINGS, *VALIDATION_PHRASINGS))
+
+
 def composed_phrasing(rng: random.Random) -> str:
     """opener + core + closer, never one of the held-out or validation phrasings."""
-    reserved = {_key(p) for p in (*HELD_OUT_PHRASINGS, *VALIDATION_PHRASINGS)}
     while True:
         q = rng.choice(OPENERS) + rng.choice(CORES) + rng.choice(CLOSERS)
         q = q[0].upper() + q[1:] if rng.random() < 0.5 else q
-        if _key(q) not in reserved:
+        if _key(q) not in _EVALUATION_KEYS:
             return q
-# Only for choosing checkpoints: never trained on, never in the held-out test.
-VALIDATION_PHRASINGS = (
-    "{a} plus {b} is what?", "Please work out {a} + {b}.", "What is {a} added to {b}?",
-    "{a} + {b} comes to?", "Could you total {a} and {b}?", "Sum {a} and {b} please",
-)  # fmt: skip
+
+
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.", "You are a patient math tutor.",
     "You are a tiny demo model. Keep answers short.", "Answer briefly.",
