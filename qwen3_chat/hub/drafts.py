@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.hub.info import _parameter_counts
+from qwen3_chat.hub.info import parameter_counts
 from qwen3_chat.hub.open import COMFORTABLE_SHARE, read_config, stored_bits
 from qwen3_chat.hub.registry import ModelEntry
 from qwen3_chat.models.config import BITS, ORIGINAL_BITS
@@ -74,7 +74,7 @@ def model_facts(name: str, path: Path, bits: int | None = None,
         return None
     model_type = str(cfg.get("model_type", ""))
     try:  # a hybrid is never a draft nor drafted for: its size does not matter here
-        active = 0 if model_type in HYBRID_MODEL_TYPES else _parameter_counts(cfg)[1]
+        active = 0 if model_type in HYBRID_MODEL_TYPES else parameter_counts(cfg)[1]
     except Qwen3ChatError:
         return None
     bits = bits or stored_bits(cfg) or ORIGINAL_BITS

@@ -56,7 +56,7 @@ class ModelInfo:
         return {**asdict(self), "memory_bytes": self.memory_bytes}
 
 
-def _parameter_counts(cfg: dict[str, Any]) -> tuple[int, int]:
+def parameter_counts(cfg: dict[str, Any]) -> tuple[int, int]:
     """(total, active per token) from the architecture's tensor shapes, whatever the storage."""
     from qwen3_chat.weights.verify import expected_shapes
 
@@ -114,7 +114,7 @@ def describe(name: str, path: Path) -> ModelInfo:
 
         capability = guess_capability(Tokenizer.from_dir(path))
         context = cfg.max_position_embeddings
-    total, active = _parameter_counts(raw)
+    total, active = parameter_counts(raw)
     dtype_name, dtype_bytes = _compute_dtype()
     bits = stored_bits(raw)
     experts = cfg.num_experts if cfg.is_moe else 0
