@@ -62,24 +62,63 @@ def run(model: PipelineModel, model_dir: Path, out: Path) -> None:
     step = model(ids[:, 7:8], cache=cache, last_only=True)
     cache[0].trim(1)  # rewind through the followers, then the same step again
     again = model(ids[:, 7:8], cache=cache, last_only=True)
+    logits = {"full": full, "prefill": prefill, "step": step, "again": again}
+    if hasattr(cache[0], "snapshot"):  # a hybrid model: linear layers go back to snapshots
+        logits.update(snapshots(model, ids))
     # Logits as .npy beside the JSON: a full-vocabulary row is too big for JSON.
-    for name, a in (("full", full), ("prefill", prefill), ("step", step), ("again", again)):
+    for name, a in logits.items():
         np.save(f"{out}.{name}.npy", np.array(a))
     result: dict = {}
     if (model_dir / "tokenizer.json").exists():
-        from qwen3_chat.chat.session import ChatSession
-        from qwen3_chat.chat.tokenizer import Tokenizer
-        from qwen3_chat.engine.events import Finished
-
-        tok = Tokenizer.from_dir(model_dir)
-        chat = ChatSession(model, tok, sampling_overrides={"temperature": 0.0}, max_tokens=8,
-                           budget=None)  # fmt: skip
-        turns = []
-        for text in ("Hello there", "And again?"):
-            fin = [e for e in chat.send(text) if isinstance(e, Finished)][-1]
-            turns.append(list(fin.token_ids))
-        result["chat"] = turns
+        result["chat"], result["prefilled"] = chat(model, model_dir)
     Path(out).write_text(json.dumps(result))
+
+
+def snapshots(model: PipelineModel, ids: mx.array) -> dict[str, mx.array]:
+    """Every snapshot command: a point asked for inside a prefill, one taken after it, a
+    restore to each and to empty, with a snapshot dropped on the way; each followed by
+    the step that must give one process's logits (see test_distributed_hybrid.py)."""
+    cache = model.make_cache()
+    (pc,) = cache
+    pc.request_snapshots([4])  # inside the prefill below: each layer splits its scan there
+    model(ids[:, :7], cache=cache, last_only=True)
+    at4 = pc.take_snapshots()[4]
+    at7 = pc.snapshot()
+    dropped = pc.snapshot()
+    model(ids[:, 7:8], cache=cache, last_only=True)
+    del dropped  # its DROP goes round with the next forward
+    pc.restore(at4)
+    from4 = model(ids[:, 4:8], cache=cache, last_only=True)
+    pc.restore(at7)
+    from7 = model(ids[:, 7:8], cache=cache, last_only=True)
+    pc.restore(None)
+    fresh = model(ids[:, :7], cache=cache, last_only=True)
+    return {"from4": from4, "from7": from7, "fresh": fresh}
+
+
+def chat(model: PipelineModel, model_dir: Path) -> tuple[list[list[int]], list[int]]:
+    """Greedy turns through ChatSession (cache reuse, /retry, /undo): tokens and prefills."""
+    from qwen3_chat.chat.session import ChatSession
+    from qwen3_chat.chat.tokenizer import Tokenizer
+    from qwen3_chat.engine.events import Finished
+
+    tok = Tokenizer.from_dir(model_dir)
+    session = ChatSession(model, tok, sampling_overrides={"temperature": 0.0}, max_tokens=8,
+                          budget=None)  # fmt: skip
+    turns, prefilled = [], []
+
+    def finish(events) -> None:
+        fin = [e for e in events if isinstance(e, Finished)][-1]
+        turns.append(list(fin.token_ids))
+        prefilled.append(fin.stats.prefill_tokens)
+
+    finish(session.send("Hello there"))
+    finish(session.send("And again?"))
+    if os.environ.get("RETRY"):
+        finish(session.retry())
+        session.undo()
+        finish(session.send("Something else"))
+    return turns, prefilled
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ from enum import IntEnum
 
 from qwen3_chat.errors import Qwen3ChatError
 
-HEADER_SIZE = 6
+HEADER_SIZE = 8
 PARALLEL_MODES = ("pipeline", "tensor")  # what a run uses ("auto" is resolved before)
 NO_CACHE = 0  # cache id of a forward without a cache (logits of a whole sequence)
+NO_SNAPSHOT = 0  # snapshot key of the empty state (RESTORE to before any token)
+# Snapshot offsets one MARK carries: a turn asks for two (chat/prompt_cache.py).
+MAX_MARKS = 2
 # How long rank 0 waits for a step to come back round the ring. A dead rank shows up at
 # once as a lost connection; this bounds a rank that hangs: a fixed allowance plus a
 # multiple of the seconds per token measured so far (prefill on a slow CPU takes long).
@@ -24,11 +27,21 @@ DEFAULT_TIMEOUT_S = 8.0
 FIRST_SECONDS_PER_TOKEN = 0.15  # before anything was measured
 SLACK = 3.0
 
+
 class Op(IntEnum):
-    FORWARD = 1  # [op, cache, tokens, last_only, 0, 0] then activations [1, tokens, hidden]
-    REWIND = 2  # [op, cache, 0, 0, offset, 0]: keep only the first `offset` tokens
-    FREE = 3  # [op, cache, ...]: forget a cache rank 0 dropped
+    """Header: [op, cache, tokens, last_only, offset, key, mark, mark]."""
+
+    FORWARD = 1  # then activations [1, tokens, hidden]
+    REWIND = 2  # keep only the first `offset` tokens (KV layers; linear: undo the last update)
+    FREE = 3  # forget a cache rank 0 dropped, and its snapshots
     EXIT = 4
+    # The hybrid family's linear layers go back to snapshots of their state, kept on each
+    # rank for its own layers and named by rank 0's `key`.
+    SNAPSHOT = 5  # keep the state now as `key`
+    MARK = 6  # keep the state after each of `marks` tokens when a forward passes it
+    KEEP = 7  # the state MARK kept after `offset` tokens becomes `key`
+    RESTORE = 8  # go back to snapshot `key` (NO_SNAPSHOT: empty), `offset` tokens
+    DROP = 9  # forget snapshot `key`
 
 
 class PipelineError(Qwen3ChatError):
@@ -42,14 +55,21 @@ class Header:
     tokens: int = 0
     last_only: bool = False
     offset: int = 0
+    key: int = NO_SNAPSHOT
+    marks: tuple[int, ...] = ()
 
     def encode(self) -> list[int]:
-        return [int(self.op), self.cache, self.tokens, int(self.last_only), self.offset, 0]
+        if len(self.marks) > MAX_MARKS:
+            raise PipelineError(f"at most {MAX_MARKS} snapshot offsets per command")
+        marks = [*self.marks, *[-1] * (MAX_MARKS - len(self.marks))]
+        return [int(self.op), self.cache, self.tokens, int(self.last_only), self.offset,
+                self.key, *marks]  # fmt: skip
 
     @classmethod
     def decode(cls, values: list[int]) -> Header:
-        op, cache, tokens, last_only, offset, _ = values
-        return cls(Op(op), cache, tokens, bool(last_only), offset)
+        op, cache, tokens, last_only, offset, key, *marks = values
+        return cls(Op(op), cache, tokens, bool(last_only), offset, key,
+                   tuple(m for m in marks if m >= 0))  # fmt: skip
 
 
 def split_layers(n_layers: int, size: int) -> list[range]:

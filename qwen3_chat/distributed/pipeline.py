@@ -16,8 +16,10 @@ from typing import Any, NoReturn
 
 import mlx.core as mx
 
+from qwen3_chat.distributed.caches import HybridPipelineCache, PipelineCache
 from qwen3_chat.distributed.group import (
     NO_CACHE,
+    NO_SNAPSHOT,
     Deadline,
     Header,
     Op,
@@ -26,47 +28,13 @@ from qwen3_chat.distributed.group import (
 from qwen3_chat.distributed.runner import Runner
 from qwen3_chat.distributed.stage import Stage
 from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP
-from qwen3_chat.models.cache import KVCache
+from qwen3_chat.models.cache import LayerCache
+from qwen3_chat.models.hybrid_config import HybridConfig
 
 # describe(error or None for a timeout) -> the one line that names the rank/host at fault.
 Describe = Callable[[BaseException | None], str]
 # on_fault(line): told before the PipelineError is raised (the CLI stops every rank there).
 OnFault = Callable[[str], None]
-
-
-class PipelineCache:
-    """The KV cache of one conversation: rank 0's layers here, the followers' kept by id.
-
-    Rewinding it tells the followers to rewind theirs, in order with every other command."""
-
-    def __init__(self, owner: PipelineModel, cache_id: int, local: list[KVCache]):
-        self._owner, self.id, self.local = owner, cache_id, local
-        weakref.finalize(self, owner._forget, cache_id)
-
-    @property
-    def offset(self) -> int:
-        self._owner._settle()  # a step cut off by Ctrl-C may still be filling the layers
-        return min((c.offset for c in self.local), default=0)
-
-    def can_trim(self, n: int) -> bool:
-        return 0 <= n <= self.offset
-
-    def trim(self, n: int) -> int:
-        n = max(0, min(self.offset, n))
-        if n:
-            target = self.offset - n
-            for c in self.local:
-                c.trim(c.offset - target)
-            self._owner._command(Header(Op.REWIND, self.id, offset=target))
-        return n
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [a for c in self.local for a in c.state]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.local)
 
 
 class PipelineModel:
@@ -83,7 +51,13 @@ class PipelineModel:
         self._describe = describe or _default_describe(self.size)
         self._runner = runner or Runner()
         self._next_id = NO_CACHE + 1
-        self._dropped: list[int] = []  # caches gone on rank 0, to be freed on the followers
+        self._next_key = NO_SNAPSHOT + 1
+        # (cache id, snapshot key or NO_SNAPSHOT for the whole cache) gone on rank 0, to be
+        # forgotten on the followers too.
+        self._dropped: list[tuple[int, int]] = []
+        self._caches: weakref.WeakValueDictionary[int, PipelineCache] = (
+            weakref.WeakValueDictionary()
+        )
         self._failed: str | None = None
         self.on_fault = on_fault
         self.deadline = Deadline()
@@ -91,7 +65,13 @@ class PipelineModel:
     # -- what the engine and the session use ------------------------------------------------
     def make_cache(self) -> list[PipelineCache]:
         cid, self._next_id = self._next_id, self._next_id + 1
-        return [PipelineCache(self, cid, self.stage.make_cache())]
+        if isinstance(self.config, HybridConfig):
+            size = self.config.snapshot_bytes(compute_bytes=self.wire.size)
+            cache: PipelineCache = HybridPipelineCache(self, cid, self.stage.make_cache(), size)
+        else:
+            cache = PipelineCache(self, cid, self.stage.make_cache())
+        self._caches[cid] = cache
+        return [cache]
 
     def __call__(self, inputs: mx.array, cache: list[PipelineCache] | None = None,
                  last_only: bool = False) -> mx.array:  # fmt: skip
@@ -106,14 +86,18 @@ class PipelineModel:
 
         def forward() -> mx.array:
             start = time.perf_counter()
+            before = min((c.offset for c in pc.local), default=0) if pc else 0
             logits = self._forward(inputs, header, pc.local if pc else None)
             mx.eval(logits, pc.state if pc else [])
+            if pc is not None:
+                pc.forwarded(before, n)
             self.deadline.observe(n, time.perf_counter() - start)
             return logits
 
         return self._wait(forward, n)
 
-    def _forward(self, inputs: mx.array, header: Header, local: list[KVCache] | None) -> mx.array:
+    def _forward(self, inputs: mx.array, header: Header,
+                 local: list[LayerCache] | None) -> mx.array:  # fmt: skip
         """The step's graph (built on the ring thread): first layers here, logits back."""
         n_out = 1 if header.last_only else header.tokens
         h = self.stage(inputs, local, last_only=False)
@@ -138,19 +122,35 @@ class PipelineModel:
         values = mx.array(header.encode(), dtype=mx.int32)
         return mx.distributed.send(values, 1, group=self.group)
 
-    def _command(self, header: Header) -> None:
-        self._wait(lambda: mx.eval(self._header(header)), 0)
+    def _command(self, header: Header, here: Callable[[], None] | None = None) -> None:
+        """Send `header` round the ring, after running `here` (its part on rank 0), in
+        order with the steps already queued."""
+
+        def job() -> None:
+            if here is not None:
+                here()
+            mx.eval(self._header(header))
+
+        self._wait(job, 0)
 
     def _settle(self) -> None:
         """Wait until every step already sent has finished here."""
         self._wait(lambda: None, DEFAULT_PREFILL_STEP)  # at most a prefill chunk in flight
 
-    def _forget(self, cache_id: int) -> None:
-        self._dropped.append(cache_id)  # from a finalizer: no communication here
+    def _new_key(self) -> int:
+        key, self._next_key = self._next_key, self._next_key + 1
+        return key
+
+    def _forget(self, cache_id: int, key: int) -> None:
+        self._dropped.append((cache_id, key))  # from a finalizer: no communication here
 
     def _flush_dropped(self) -> None:
         while self._dropped:
-            self._command(Header(Op.FREE, self._dropped.pop()))
+            cache_id, key = self._dropped.pop(0)
+            if key == NO_SNAPSHOT:
+                self._command(Header(Op.FREE, cache_id))
+            elif (pc := self._caches.get(cache_id)) is not None:  # else FREE drops it all
+                pc._run(Header(Op.DROP, cache_id, key=key))
 
     def _wait(self, job: Callable[[], Any], tokens: int) -> Any:
         """Run `job` on the ring thread, waiting as long as a step of `tokens` may take."""

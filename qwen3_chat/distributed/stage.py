@@ -15,11 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen3_chat.distributed.group import PipelineError, split_layers
+from qwen3_chat.distributed.group import split_layers
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.files import read_json
 from qwen3_chat.models import build_model, config_from_dict
-from qwen3_chat.models.cache import KVCache
+from qwen3_chat.models.cache import KVCache, LayerCache, LinearCache
 from qwen3_chat.models.hybrid_config import HybridConfig
 from qwen3_chat.weights.loader import default_dtype, read_weights
 from qwen3_chat.weights.quantize import apply_quantization_config, quantize_model
@@ -36,19 +36,26 @@ class Stage:
         self.first, self.last = layers.start == 0, layers.stop == n_layers
         self.head = head  # whether the last rank turns activations into logits
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> list[LayerCache]:
+        """A KV cache per attention layer, a linear-state cache per Gated DeltaNet layer."""
+        layers = self.model.model.layers
+        return [LinearCache() if getattr(layers[i], "is_linear", False) else KVCache()
+                for i in self.layers]  # fmt: skip
 
-    def __call__(self, x: mx.array, cache: list[KVCache] | None, last_only: bool) -> mx.array:
+    def __call__(self, x: mx.array, cache: list[LayerCache] | None, last_only: bool) -> mx.array:
         """Token ids (first rank) or activations in; activations or logits (last rank) out."""
         inner = self.model.model
         h = inner.embed_tokens(x) if self.first else x
         caches = cache if cache is not None else [None] * len(self.layers)
+        hybrid = isinstance(self.config, HybridConfig)
         for i, c in zip(self.layers, caches, strict=True):
-            h = inner.layers[i](h, c, last_only=last_only and i == self.n_layers - 1)
+            if hybrid:  # a linear layer folds every token into its state: all go through
+                h = inner.layers[i](h, c)
+            else:
+                h = inner.layers[i](h, c, last_only=last_only and i == self.n_layers - 1)
         if not (self.last and self.head):
             return h
-        return self.model.head(h)
+        return self.model.head(h[:, -1:] if hybrid and last_only else h)
 
     @property
     def nbytes(self) -> int:
@@ -76,9 +83,11 @@ def fill_weights(model: nn.Module, config: Any, weights: dict[str, mx.array], wh
     if config.quantization:
         apply_quantization_config(model, config.quantization, weights)
     compute = dtype or default_dtype()
+    keep = getattr(model, "float32_params", ())  # float32 whatever the compute dtype
     try:
         model.load_weights(
-            [(k, v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v)
+            [(k, v.astype(mx.float32 if k.endswith(keep) else compute))
+             if mx.issubdtype(v.dtype, mx.floating) else (k, v)
              for k, v in weights.items()],
             strict=True,
         )  # fmt: skip
@@ -95,16 +104,18 @@ def load_stage(
     """Build rank `rank` of `size`'s stage from a local Hugging Face-layout folder."""
     path = Path(path)
     config = config_from_dict(read_json(path / "config.json", error=ModelLoadError))
-    if isinstance(config, HybridConfig):
-        raise PipelineError("the hybrid (Qwen3.5/Next) family cannot be split across ranks yet")
     n = config.num_hidden_layers
     layers = split_layers(n, size)[rank]
     first, last = layers.start == 0, layers.stop == n
     weights, _origin = read_weights(path)  # lazily mapped: nothing is read yet
     tied = bool(config.tie_word_embeddings)
-    weights = {k: v for k, v in weights.items() if _owned(k, layers, first, last, tied)}
     model = build_model(config)
+    # Sanitize first (it renames, e.g. a Qwen3.5 folder's language_model.* keys, lazily),
+    # then keep only this rank's tensors: the others are never read.
     weights = model.sanitize(weights)
+    weights = {k: v for k, v in weights.items() if _owned(k, layers, first, last, tied)}
+    if hasattr(model, "mtp_weights"):
+        model.mtp_weights.clear()  # the MTP head drafts on one machine only
     # Prune what other ranks hold, so it is never allocated, read or quantized here.
     inner = model.model
     for i in range(n):

@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from qwen3_chat.distributed.caches import CacheStore
 from qwen3_chat.distributed.group import (
     HEADER_SIZE,
     NO_CACHE,
@@ -27,7 +28,7 @@ from qwen3_chat.distributed.hosts import model_digest
 from qwen3_chat.distributed.stage import Stage, load_stage
 from qwen3_chat.distributed.tensor import BroadcastSteps, load_tensor_stage
 from qwen3_chat.errors import Qwen3ChatError
-from qwen3_chat.models.cache import KVCache
+from qwen3_chat.models.cache import LayerCache
 from qwen3_chat.weights.loader import FLOAT_DTYPES
 
 # Status codes every rank reports in the start-up barriers (and exits with, as followers).
@@ -100,7 +101,7 @@ class RingSteps:
         mx.eval(raw)
         return Header.decode(raw.tolist())
 
-    def forward(self, header: Header, cache: list[KVCache] | None) -> None:
+    def forward(self, header: Header, cache: list[LayerCache] | None) -> None:
         shape = (1, header.tokens, self.stage.config.hidden_size)
         x = mx.distributed.recv(shape, self.wire, self.prev, group=self.group)
         out = self.stage(x, cache, header.last_only).astype(self.wire)
@@ -110,21 +111,16 @@ class RingSteps:
 
 def follow(stage: Stage, steps: Any) -> None:
     """Run rank 0's commands until EXIT (a lost connection raises instead)."""
-    caches: dict[int, list[KVCache]] = {}
+    store = CacheStore(stage.make_cache)
     while True:
         header = steps.header()
         if header.op is Op.EXIT:
             return
-        if header.op is Op.FREE:
-            caches.pop(header.cache, None)
-        elif header.op is Op.REWIND:
-            for c in caches.get(header.cache, []):
-                c.trim(c.offset - header.offset)
-        elif header.op is Op.FORWARD:
-            cache = None
-            if header.cache != NO_CACHE:
-                cache = caches.setdefault(header.cache, stage.make_cache())
+        if header.op is Op.FORWARD:
+            cache = None if header.cache == NO_CACHE else store.layers(header.cache)
             steps.forward(header, cache)
+        else:
+            store.run(header)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
@@ -77,7 +78,31 @@ class LinearSnapshot:
         return sum(a.nbytes for a in (self.conv, self.recurrent) if a is not None)
 
 
-class LinearCache:
+class SnapshotLayer:
+    """A cache entry that cannot trim back to any token, only to snapshots of its state:
+    a Gated DeltaNet layer here, or a pipeline's layers on other ranks (distributed)."""
+
+    offset: int
+
+    def snapshot(self) -> Any:
+        """The state now (an object with `offset` and `nbytes`)."""
+        raise NotImplementedError
+
+    def restore(self, snap: Any | None) -> None:
+        """Go back to `snap` (None: empty, before any token)."""
+        raise NotImplementedError
+
+    def request_snapshots(self, offsets: Sequence[int]) -> None:
+        """Keep the state after each of `offsets` tokens when an update passes it."""
+        raise NotImplementedError
+
+    def take_snapshots(self) -> dict[int, Any]:
+        """The requested states reached since the request (offset -> snapshot); the
+        request ends."""
+        raise NotImplementedError
+
+
+class LinearCache(SnapshotLayer):
     """State of one Gated DeltaNet layer: the conv window and the recurrent matrix.
 
     The recurrent state folds every token in, so it cannot be trimmed back to an earlier
@@ -113,9 +138,17 @@ class LinearCache:
     def snapshot(self) -> LinearSnapshot:
         return LinearSnapshot(self.offset, self.conv, self.recurrent)
 
-    def restore(self, snap: LinearSnapshot) -> None:
+    def restore(self, snap: LinearSnapshot | None) -> None:
+        snap = snap or LinearSnapshot(0, None, None)
         self.offset, self.conv, self.recurrent = snap.offset, snap.conv, snap.recurrent
         self._previous = None
+
+    def request_snapshots(self, offsets: Sequence[int]) -> None:
+        self.snapshot_at, self.marked = tuple(offsets), {}
+
+    def take_snapshots(self) -> dict[int, LinearSnapshot]:
+        marked, self.snapshot_at, self.marked = self.marked, (), {}
+        return marked
 
     def can_trim(self, n: int) -> bool:
         return n == 0 or (self._previous is not None and self.offset - self._previous.offset == n)
@@ -144,14 +177,19 @@ def can_trim(cache: list[LayerCache], n: int) -> bool:
     return all(c.can_trim(n) for c in cache)
 
 
-def rewind_layers(cache: list[LayerCache], target: int, snap: list | None = None) -> None:
-    """Put every layer at `target` tokens: KV layers by trimming, linear layers from `snap`
+def rewind_layers(cache: Sequence, target: int, snap: list | None = None) -> None:
+    """Put every layer at `target` tokens: KV layers by trimming, the others from `snap`
     (their snapshots at `target`, None entries for KV layers) or to empty when target is 0."""
     for i, c in enumerate(cache):
-        if isinstance(c, LinearCache):
-            c.restore(snap[i] if snap is not None else LinearSnapshot(0, None, None))
+        if isinstance(c, SnapshotLayer):
+            c.restore(snap[i] if snap is not None else None)
         else:
             c.trim(c.offset - target)
+
+
+def layer_snapshots(cache: Sequence) -> list:
+    """Every snapshot-keeping layer's state now (None for KV layers)."""
+    return [c.snapshot() if isinstance(c, SnapshotLayer) else None for c in cache]
 
 
 @dataclass
@@ -168,29 +206,26 @@ class Snapshots:
     # model's point is ~150 MB.
     max_count: int = 6
     max_bytes: int = 1024**3
-    points: list[tuple[int, list[LinearSnapshot | None]]] = field(default_factory=list)
+    points: list[tuple[int, list[Any]]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for _, snaps in self.points for s in snaps if s is not None)
 
-    def add(self, cache: list[LayerCache]) -> None:
+    def add(self, cache: Sequence) -> None:
         """Remember every linear layer's state now (all layers must be at one offset)."""
-        snaps = [c.snapshot() if isinstance(c, LinearCache) else None for c in cache]
-        self._keep(min(c.offset for c in cache), snaps)
+        self._keep(min(c.offset for c in cache), layer_snapshots(cache))
 
-    def request(self, cache: list[LayerCache], offsets: Sequence[int]) -> None:
+    def request(self, cache: Sequence, offsets: Sequence[int]) -> None:
         """Have the linear layers keep their state after each of `offsets` tokens."""
         for c in cache:
-            if isinstance(c, LinearCache):
-                c.snapshot_at, c.marked = tuple(offsets), {}
+            if isinstance(c, SnapshotLayer):
+                c.request_snapshots(offsets)
 
-    def collect(self, cache: list[LayerCache]) -> None:
+    def collect(self, cache: Sequence) -> None:
         """Keep each requested state every linear layer reached (and still holds)."""
-        linear = [c for c in cache if isinstance(c, LinearCache)]
-        marks = [c.marked for c in linear]
-        for c in linear:
-            c.snapshot_at, c.marked = (), {}
+        linear = [c for c in cache if isinstance(c, SnapshotLayer)]
+        marks = [c.take_snapshots() for c in linear]
         if not linear:
             return
         held = min(c.offset for c in cache)
@@ -198,11 +233,11 @@ class Snapshots:
             if offset <= held:
                 it = iter(m[offset] for m in marks)
                 self._keep(
-                    offset, [next(it) if isinstance(c, LinearCache) else None for c in cache]
+                    offset, [next(it) if isinstance(c, SnapshotLayer) else None for c in cache]
                 )
 
-    def _keep(self, offset: int, snaps: list[LinearSnapshot | None]) -> None:
-        if not any(isinstance(s, LinearSnapshot) for s in snaps):
+    def _keep(self, offset: int, snaps: list) -> None:
+        if all(s is None for s in snaps):
             return
         self.points = [p for p in self.points if p[0] != offset] + [(offset, snaps)]
         self.points.sort(key=lambda p: p[0])
