@@ -78,3 +78,25 @@ def test_chat_session_across_ranks_resumes_like_one_process(tmp_path, qwen3_toke
     # Reuse happened: turn 2 and the retry prefilled only their new tokens.
     assert prefilled[1] < 40 and prefilled[2] <= 2, prefilled
     assert len({t for turn in turns for t in turn}) > 6  # varied tokens, not one repeated
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    path, _ = make_hybrid("qwen3_next", tmp_path_factory.mktemp("hybrid") / "m", seed=3,
+                          num_hidden_layers=6, vocab_size=151936,
+                          tokenizer_dir=qwen3_tokenizer_dir)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("parallel", ["pipeline"])
+def test_cli_across_ranks_answers_like_one_process(tmp_path, hybrid_dir, parallel):
+    from test_distributed_cli import chat, hostfile, workers_of
+
+    one = chat(hybrid_dir)
+    assert one.returncode == 0, one.stderr
+    many = chat(hybrid_dir, "--hosts", str(hostfile(tmp_path, 2)), "--parallel", parallel)
+    assert many.returncode == 0, many.stderr
+    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    assert b["answer"] == a["answer"] and b["usage"] == a["usage"]
+    assert len(set(a["answer"])) > 10  # varied text, not one token repeated
+    assert workers_of(hybrid_dir) == []  # every follower ended with rank 0
