@@ -8,6 +8,7 @@ layers and rank 0's session rewinds them all with one command (distributed/cache
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,28 @@ def test_cli_across_ranks_answers_like_one_process(tmp_path, hybrid_dir, paralle
     assert b["answer"] == a["answer"] and b["usage"] == a["usage"]
     assert len(set(a["answer"])) > 10  # varied text, not one token repeated
     assert workers_of(hybrid_dir) == []  # every follower ended with rank 0
+
+
+def test_repl_ctrl_c_then_undo_goes_back_on_every_rank(tmp_path, hybrid_dir):
+    """Ctrl-C mid-answer, then /undo: every rank's linear layers go back to a snapshot (or
+    to empty), and the next question gets one process's answer."""
+    from pty_term import Term
+    from test_distributed_cli import chat, hostfile, workers_of
+
+    one = json.loads(chat(hybrid_dir).stdout)["answer"]
+    term = Term(["-m", str(hybrid_dir), "--temp", "0", "--no-budget", "--max-tokens", "100000",
+                 "--hosts", str(hostfile(tmp_path, 2))], tmp_path / "state")  # fmt: skip
+    term.prompt()
+    term.send("Tell me a long story")
+    time.sleep(1.5)
+    term.child.send("\x03")
+    term.expect(r"\[interrupted\]")
+    term.send("/undo")
+    term.prompt()
+    term.send("/set max_tokens 12")
+    term.prompt()
+    term.ask("Hello there")
+    assert one[:12] in term.seen
+    term.send("/exit")
+    assert term.close() == 0
+    assert workers_of(hybrid_dir) == []
