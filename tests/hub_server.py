@@ -1,7 +1,8 @@
 """A local HTTP server speaking the part of the Hugging Face Hub protocol huggingface_hub uses:
 revision info, the recursive tree, and `resolve` with HEAD/GET, ETag / X-Linked-Etag,
 X-Repo-Commit and Range. Failure modes are switched on per test (drop, corrupt, gated, stall).
-Every request is recorded as "METHOD /path" plus " Range: bytes=N-" when one was asked for."""
+Every request is recorded as "METHOD /path" plus " Range: bytes=N-" (or "bytes=N-M") when one
+was asked for."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class Repo:
     # server's `release` event (or shutdown): a transfer caught in the middle.
     stall: dict[str, int] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # listed in the tree, but resolve says 404
+    short: set[str] = field(default_factory=set)  # a ranged GET gets half the bytes it asked for
+    ignore_range: bool = False  # GET answers 200 with the whole file, whatever Range says
 
     def is_lfs(self, path: str) -> bool:
         return len(self.files[path]) >= self.lfs_min
@@ -139,16 +142,20 @@ class Handler(BaseHTTPRequestHandler):
             headers |= {"X-Linked-Etag": etag, "X-Linked-Size": str(len(data))}
         if self.command == "GET" and path in repo.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        start = 0
-        r = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        if self.command == "GET" and r:
+        start, stop = 0, len(data)
+        r = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+        ranged = self.command == "GET" and r is not None and not repo.ignore_range
+        if ranged:  # "bytes=N-" (a resumed download) or "bytes=N-M" (M inclusive)
             start = int(r.group(1))
-        body = data[start:]
-        self.send_response(206 if start else 200)
+            stop = min(int(r.group(2)) + 1, len(data)) if r.group(2) else len(data)
+            if path in repo.short:
+                stop = start + (stop - start) // 2
+        body = data[start:stop]
+        self.send_response(206 if ranged else 200)
         for k, v in headers.items():
             self.send_header(k, v)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command == "HEAD":

@@ -38,6 +38,9 @@ def download(
     model: str = typer.Argument(..., help="An alias from `qwen3 models` or a repo id."),
     bits: int = typer.Option(DEFAULT_BITS, "--bits", help=f"{BITS_HELP}."),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
+    mtp: bool = typer.Option(False, "--mtp", help="Also fetch a Qwen3-Next/3.5 model's MTP "
+                             "head (for --speculate mtp) from its original repo when the "
+                             "folder lacks it, as MLX-community ones do."),
 ) -> None:
     """Download a model into the Hugging Face cache and verify it."""
     from qwen3_chat.hub import download as hub
@@ -52,6 +55,10 @@ def download(
     with terminal_status(Console(stderr=True, highlight=False)) as status:  # hashing shows too
         path = hub.ensure_model(model, bits=bits, revision=revision,
                                 progress=sys.stderr.isatty(), status=status)  # fmt: skip
+    if mtp:  # before "ready": a head that cannot be had is then the one line said
+        from qwen3_chat.cli.speculation import prefetch_mtp_head
+
+        typer.echo(prefetch_mtp_head(Path(path), model), err=True)
     typer.echo(f"{model}: ready at {path}", err=True)
     if not sys.stdout.isatty():
         typer.echo(str(path))

@@ -10,6 +10,7 @@ from disk that does not load or does not fit is one note, and auto goes on witho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -72,7 +73,7 @@ def resolve(request: SpeculationRequest, loaded: Any, *, strict: bool) -> tuple[
     draft, bits, note = request.draft, request.bits, None
     try:
         if spec.method == "mtp":
-            spec.check_mtp(loaded.model)
+            _check_mtp(spec, loaded)
         if draft is None and (spec.method == "draft" or (spec.auto and not request.distributed)):
             from qwen3_chat.hub.drafts import find_draft
 
@@ -92,6 +93,56 @@ def resolve(request: SpeculationRequest, loaded: Any, *, strict: bool) -> tuple[
             raise
         return None, f"speculation off for {loaded.name}: {e}"
     return spec, note
+
+
+def _check_mtp(spec: Any, loaded: Any) -> None:
+    """--speculate mtp: a hybrid model whose folder lacks the head (MLX-community conversions
+    drop `mtp.*`) gets it from its original repo first; when it cannot, check_mtp's line
+    says why. auto never comes here: it uses a head on disk only (a fetch is many GB)."""
+    from qwen3_chat.engine.speculative import SpeculationError
+    from qwen3_chat.hub.mtp_fetch import HeadUnavailable, attach_head
+    from qwen3_chat.models.mtp import has_mtp
+
+    why = None
+    if not has_mtp(loaded.model) and hasattr(loaded.model, "mtp_weights"):
+        try:
+            attach_head(loaded.model, fetch_mtp_head(loaded.path, loaded.name))
+        except HeadUnavailable as e:
+            why = f"none was fetched: {e}"
+    try:
+        spec.check_mtp(loaded.model)
+    except SpeculationError as e:
+        raise SpeculationError(f"{e}; {why}" if why else str(e)) from None
+
+
+def fetch_mtp_head(path: Path, name: str) -> Path:
+    """The MTP head of the folder `path` fetched from its original repo by byte range (one
+    note on stderr with its size, a bar on a terminal); HeadUnavailable when it cannot be."""
+    from qwen3_chat.cli.models import human_size
+    from qwen3_chat.hub.mtp_fetch import fetch_head, plan_head
+
+    plan = plan_head(path, name)
+    if plan.ready is None:
+        size = human_size(plan.size)
+        typer.echo(f"fetching the MTP head of {name} from {plan.origin} (named by "
+                   f"{plan.found_by}): {size} of mtp.* tensors", err=True)  # fmt: skip
+    return fetch_head(plan, progress=True)
+
+
+def prefetch_mtp_head(path: Path, name: str) -> str:
+    """`qwen3 download --mtp`: fetch the head ahead of `--speculate mtp`; returns what to say.
+    A model that is not hybrid, or cannot have its head fetched, is a Qwen3ChatError."""
+    from qwen3_chat.hub.mtp_fetch import folder_has_head, head_file
+    from qwen3_chat.hub.open import read_config
+    from qwen3_chat.models.hybrid_config import HYBRID_MODEL_TYPES
+
+    if read_config(path).get("model_type") not in HYBRID_MODEL_TYPES:
+        raise Qwen3ChatError(f"--mtp: {name} is not a Qwen3-Next/3.5 model: it has no MTP head")
+    if folder_has_head(path):
+        return f"{name}: its MTP head is in its folder"
+    if head_file(path) is None:
+        fetch_mtp_head(path, name)
+    return f"{name}: MTP head at {head_file(path)}"
 
 
 def _use_draft(request: SpeculationRequest, spec: Any, draft: str | None, bits: int | None,

@@ -232,6 +232,13 @@ def load_model(
         raise ModelLoadError(
             f"{path}: cannot map checkpoint tensors onto the model ({e})"
         ) from None
+    # A hybrid folder without `mtp.*` (MLX-community conversions drop it) takes the head
+    # fetched from its original repo before (hub/mtp_fetch.py), if any; no network here.
+    if getattr(model, "mtp_weights", None) == {}:
+        from qwen3_chat.hub.mtp_fetch import attach_head, head_file
+
+        if (head := head_file(path)) is not None:
+            attach_head(model, head)
     if config.quantization:
         apply_quantization_config(model, config.quantization, weights)
     _validate(model, weights, origin)
