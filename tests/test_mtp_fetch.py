@@ -207,6 +207,40 @@ def test_unknown_original_or_offline_is_the_one_no_head_line(folders, hub, tmp_p
     assert hub.requests == [] and heads() == []
 
 
+def test_an_unreachable_hub_is_offline_too(folders):
+    r = chat(folders / "mlx", "mtp", "http://127.0.0.1:9")  # nothing listens there
+    assert r.returncode == 2
+    one_line_error(r, "no MTP head", "cannot reach the Hugging Face Hub", ORIGIN)
+    assert heads() == []
+
+
+def test_a_quantized_folder_reuses_the_head_and_quantizes_it_like_the_model(folders, hub,
+                                                                            tmp_path):  # fmt: skip
+    """A second conversion of the same original (8-bit here) takes the head fetched for the
+    first: the original's commit is looked up, no byte of a shard is asked for again."""
+    import mlx.nn as nn
+    from test_mtp import PROMPT, plain_tokens, spec_tokens
+
+    from qwen3_chat.engine.speculative import make_speculation
+    from qwen3_chat.models.mtp import mtp_head
+    from qwen3_chat.weights.loader import load_model, save_model
+
+    mlx = folders / "mlx"
+    keep = [p for p in mlx.iterdir() if p.name == "README.md" or p.name in TOKENIZER_FILES]
+    q8 = save_model(load_model(mlx, bits=8), None, tmp_path / "q8", extra_files=keep)
+    assert chat(folders / "mlx", "mtp", hub.url).returncode == 0
+    fetched = len(ranges_asked(hub, SHARDS[1]))
+    r = chat(q8, "mtp", hub.url)
+    assert r.returncode == 0 and "fetching" not in r.stderr, r.stderr
+    assert len(ranges_asked(hub, SHARDS[1])) == fetched == 3
+    assert json.loads(r.stdout)["speculation"]["method"] == "mtp"
+    model = load_model(q8)
+    assert model.config.quantization and isinstance(mtp_head(model).fc, nn.QuantizedLinear)
+    spec = make_speculation("mtp")
+    assert spec_tokens(spec, model, PROMPT, 30) == plain_tokens(model, PROMPT, 30)
+    assert spec.stats.accepted > 0
+
+
 def test_download_mtp_reads_the_card_from_the_hub_and_fetches_ahead(folders, hub):
     """Our downloads skip README.md: the card of a cached MLX snapshot comes from the Hub."""
     hub.repos[MLX_REPO] = repo_from_folder(folders / "mlx")
@@ -226,6 +260,16 @@ def test_download_mtp_reads_the_card_from_the_hub_and_fetches_ahead(folders, hub
 
 
 # -- the pieces ---------------------------------------------------------------------------
+def test_an_alias_names_its_original_in_models_toml(tmp_path):
+    from qwen3_chat.hub.mtp_origin import local_origin
+
+    bare = tmp_path / "qwen3-next-80b-a3b-instruct"  # a folder's name is not an alias
+    bare.mkdir()
+    found = local_origin(bare, "qwen3-next-80b-a3b-instruct")
+    assert found.repo == "Qwen/Qwen3-Next-80B-A3B-Instruct" and "models.toml" in found.why
+    assert local_origin(bare, str(bare)).repo is None
+
+
 @pytest.mark.parametrize("card, repo", [
     (CARD, ORIGIN),
     (f"---\nbase_model:\n- {ORIGIN}\n---\n", ORIGIN),  # a one-item list

@@ -145,8 +145,8 @@ def folder_has_head(folder: Path) -> bool:
 
 
 # -- the Hub, by byte range ---------------------------------------------------------------------
-def _hub_failure(origin: str, e: Exception) -> DownloadError:
-    """One line for a failed request to the original repo."""
+def _hub_failure(origin: str, e: Exception) -> Qwen3ChatError:
+    """One line for a failed request to the original repo; an unreachable Hub is offline."""
     from huggingface_hub import errors as hf
 
     status = getattr(getattr(e, "response", None), "status_code", None)
@@ -156,7 +156,7 @@ def _hub_failure(origin: str, e: Exception) -> DownloadError:
     if isinstance(e, hf.RepositoryNotFoundError):
         return RepoNotFoundError(f"{origin} was not found on the Hugging Face Hub")
     if type(e).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionError"):
-        return DownloadError(f"cannot reach the Hugging Face Hub to fetch the MTP head of {origin}")
+        return HeadUnavailable(f"cannot reach the Hugging Face Hub to fetch it from {origin}")
     text = " ".join(str(e).split()) or type(e).__name__
     return DownloadError(f"fetching the MTP head of {origin} failed: {text}")
 
