@@ -170,6 +170,24 @@ def test_the_fetched_head_gives_the_same_mtp_logits_and_greedy_tokens(folders, h
     assert spec.stats.accepted > 0
 
 
+def test_a_bar_shows_on_a_terminal(folders, hub):
+    """Piped, the note is all (above); on a real terminal the fetch draws its bar."""
+    import os
+    import sys
+
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "qwen3_chat", "chat", "-m", str(folders / "mlx"),
+                                           "--speculate", "mtp", "--max-tokens", "4", ASK],
+                          env={**os.environ, "HF_ENDPOINT": hub.url}, encoding="utf-8",
+                          timeout=60)  # fmt: skip
+    child.expect("fetching the MTP head")
+    child.expect(r"Qwen3-Next-Tiny mtp: +\d+%\|")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and len(heads()) == 2
+
+
 def test_auto_never_fetches(folders, hub):
     r = chat(folders / "mlx", "auto", hub.url)
     assert r.returncode == 0, r.stderr

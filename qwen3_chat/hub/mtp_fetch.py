@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3_chat.errors import DownloadError, Qwen3ChatError, RepoNotFoundError
+from qwen3_chat.errors import DownloadError, ModelLoadError, Qwen3ChatError, RepoNotFoundError
 from qwen3_chat.files import read_json, write_json
 from qwen3_chat.hub.fetch import RETRIES, RemoteFile, cached_repo, hasher, list_files
 from qwen3_chat.hub.info import DTYPE_BYTES
@@ -118,8 +118,6 @@ def attach_head(model: Any, path: Path) -> int:
     """Add a fetched head's tensors to a hybrid model that has none (mx.load maps them
     lazily; models/mtp.py builds and quantizes the head from them); returns how many."""
     import mlx.core as mx
-
-    from qwen3_chat.errors import ModelLoadError
 
     if not hasattr(model, "mtp_weights") or model.mtp_weights:
         return 0
