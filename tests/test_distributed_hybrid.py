@@ -89,7 +89,7 @@ def hybrid_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     return path
 
 
-@pytest.mark.parametrize("parallel", ["pipeline"])
+@pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
 def test_cli_across_ranks_answers_like_one_process(tmp_path, hybrid_dir, parallel):
     from test_distributed_cli import chat, hostfile, workers_of
 
@@ -100,6 +100,7 @@ def test_cli_across_ranks_answers_like_one_process(tmp_path, hybrid_dir, paralle
     a, b = json.loads(one.stdout), json.loads(many.stdout)
     assert b["answer"] == a["answer"] and b["usage"] == a["usage"]
     assert len(set(a["answer"])) > 10  # varied text, not one token repeated
+    assert many.stderr.strip() == ""  # tensor splits this model: no note of a fallback
     assert workers_of(hybrid_dir) == []  # every follower ended with rank 0
 
 
