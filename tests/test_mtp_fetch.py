@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from checkpoints import REAL_VOCAB, TOKENIZER_FILES
-from hub_server import Hub, repo_from_folder
+from hub_server import Hub, Repo, repo_from_folder
 from safetensors.numpy import load_file, save_file
 from test_download import one_line_error, qwen3
 
@@ -223,6 +223,19 @@ def test_unknown_original_or_offline_is_the_one_no_head_line(folders, hub, tmp_p
     one_line_error(chat(folders / "mlx", "mtp", hub.url, HF_HUB_OFFLINE="1"), "no MTP head",
                    "HF_HUB_OFFLINE")  # fmt: skip
     assert hub.requests == [] and heads() == []
+
+
+@pytest.mark.parametrize("kind", ["pickle", "headless"])
+def test_an_original_without_a_safetensors_head_is_the_no_head_line(folders, hub, kind):
+    if kind == "pickle":  # never read: safetensors only
+        hub.repos[ORIGIN] = Repo({"config.json": b"{}", "pytorch_model.bin": b"\x80" * 2048})
+    else:  # the card names a repo that lacks the head too
+        hub.repos[ORIGIN] = repo_from_folder(folders / "mlx")
+    r = chat(folders / "mlx", "mtp", hub.url)
+    assert r.returncode == 2
+    why = "has no safetensors weights" if kind == "pickle" else "has no mtp.* tensors either"
+    one_line_error(r, "no MTP head", f"{ORIGIN} ", why)
+    assert not any("pytorch_model.bin" in q for q in hub.requests) and heads() == []
 
 
 def test_an_unreachable_hub_is_offline_too(folders):

@@ -37,7 +37,7 @@ from qwen3_chat.files import read_json, write_json
 from qwen3_chat.hub.fetch import RETRIES, RemoteFile, cached_repo, hasher, list_files
 from qwen3_chat.hub.info import DTYPE_BYTES
 from qwen3_chat.hub.state import state_dir
-from qwen3_chat.weights.verify import HEADER_LIMIT, INDEX_FILE, PICKLE_SUFFIXES, read_header
+from qwen3_chat.weights.verify import HEADER_LIMIT, INDEX_FILE, read_header
 
 MTP_PREFIX = "mtp."  # as models/qwen3_next.py keeps them (no MLX imported here)
 HEAD_DTYPES = ("F32", "F16", "BF16")  # what the head is built from; FP8 repos need scales
@@ -323,9 +323,7 @@ def _locate(ranges: _Ranges, files: dict[str, RemoteFile]) -> list[Shard]:
     if SINGLE_FILE in files:
         shard = _shard(ranges, files[SINGLE_FILE], None)
         return [shard] if shard.tensors else []
-    if any(p.endswith(PICKLE_SUFFIXES) for p in files):
-        raise HeadUnavailable(f"{ranges.origin} has pickle weights only; "
-                              "qwen3-chat reads safetensors only")  # fmt: skip
+    # hub.fetch lists safetensors and JSON only: pickle weights (.bin) are never looked at.
     raise HeadUnavailable(f"{ranges.origin} has no safetensors weights")
 
 
