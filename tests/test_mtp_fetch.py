@@ -275,6 +275,9 @@ def test_a_quantized_folder_reuses_the_head_and_quantizes_it_like_the_model(fold
 def test_download_mtp_reads_the_card_from_the_hub_and_fetches_ahead(folders, hub):
     """Our downloads skip README.md: the card of a cached MLX snapshot comes from the Hub."""
     hub.repos[MLX_REPO] = repo_from_folder(folders / "mlx")
+    assert qwen3("download", MLX_REPO, endpoint=hub.url).returncode == 0
+    offline = qwen3("download", MLX_REPO, "--mtp", HF_HUB_OFFLINE="1")
+    one_line_error(offline, f"--mtp: no MTP head for {MLX_REPO}: ", "HF_HUB_OFFLINE")
     r = qwen3("download", MLX_REPO, "--mtp", endpoint=hub.url)
     assert r.returncode == 0, r.stderr
     snapshot = Path(r.stdout.strip())
@@ -288,6 +291,7 @@ def test_download_mtp_reads_the_card_from_the_hub_and_fetches_ahead(folders, hub
     out = chat(MLX_REPO, "mtp", "http://127.0.0.1:9", HF_HUB_OFFLINE="1")
     assert json.loads(out.stdout)["speculation"]["method"] == "mtp", out.stderr
     one_line_error(qwen3("download", "demo", "--mtp"), "not a Qwen3-Next/3.5 model")
+
 
 
 # -- the pieces ---------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def fetch_mtp_head(path: Path, name: str) -> Path:
 def prefetch_mtp_head(path: Path, name: str) -> str:
     """`qwen3 download --mtp`: fetch the head ahead of `--speculate mtp`; returns what to say.
     A model that is not hybrid, or cannot have its head fetched, is a Qwen3ChatError."""
-    from qwen3_chat.hub.mtp_fetch import folder_has_head, head_file
+    from qwen3_chat.hub.mtp_fetch import HeadUnavailable, folder_has_head, head_file
     from qwen3_chat.hub.open import read_config
     from qwen3_chat.models.hybrid_config import HYBRID_MODEL_TYPES
 
@@ -141,7 +141,10 @@ def prefetch_mtp_head(path: Path, name: str) -> str:
     if folder_has_head(path):
         return f"{name}: its MTP head is in its folder"
     if head_file(path) is None:
-        fetch_mtp_head(path, name)
+        try:
+            fetch_mtp_head(path, name)
+        except HeadUnavailable as e:
+            raise Qwen3ChatError(f"--mtp: no MTP head for {name}: {e}") from None
     return f"{name}: MTP head at {head_file(path)}"
 
 
