@@ -323,3 +323,15 @@ def test_adjacent_ranges_merge_and_gaps_do_not():
     t = [Tensor("a", "F32", (2,), 100, 108), Tensor("b", "F32", (2,), 108, 116),
          Tensor("c", "F32", (1,), 120, 124)]  # fmt: skip
     assert merge_ranges(tuple(t)) == [(100, 116), (120, 124)]
+
+
+def test_rm_deletes_the_head_fetched_for_the_model(folders, hub):
+    """A fetched head is ours to clean up: `qwen3 rm` of the model that fetched it deletes
+    it (and its record) once no other model uses it."""
+    hub.repos[MLX_REPO] = repo_from_folder(folders / "mlx")
+    assert qwen3("download", MLX_REPO, endpoint=hub.url).returncode == 0
+    assert qwen3("download", MLX_REPO, "--mtp", endpoint=hub.url).returncode == 0
+    assert any(p.suffix == ".safetensors" for p in heads())
+    r = qwen3("rm", MLX_REPO)
+    assert r.returncode == 0, r.stderr
+    assert heads() == []

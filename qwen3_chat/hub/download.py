@@ -27,6 +27,7 @@ from qwen3_chat.hub.fetch import (
     storage,
     tell,
 )
+from qwen3_chat.hub.mtp_fetch import forget_heads
 from qwen3_chat.hub.registry import DEMO_ALIAS, ModelEntry, load_registry
 from qwen3_chat.hub.state import (
     read_marker,
@@ -348,12 +349,14 @@ def remove(name: str, *, bits: int | None = None) -> list[str]:
         blobs = storage(target) / "blobs"
         for part in blobs.glob("*.incomplete") if blobs.is_dir() else []:
             part.unlink(missing_ok=True)
+    folders = []
     if entry is not None:
         for b in QUANT_BITS:
             conv = converted_dir(entry.repo, b)
             if conv.exists() and (bits in (None, b)):
                 shutil.rmtree(conv)
                 removed.append(str(conv))
+                folders.append(conv)
     if not removed:
         raise Qwen3ChatError(f"{name} is not downloaded")
-    return removed
+    return removed + forget_heads(targets, folders)  # MTP heads fetched for these models

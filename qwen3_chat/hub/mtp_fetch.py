@@ -114,6 +114,32 @@ def _link(folder: Path, path: Path, origin: str, commit: str) -> None:
                                     "commit": commit, "file": path.name})  # fmt: skip
 
 
+def forget_heads(repos: set[str], folders: list[Path]) -> list[str]:
+    """After `qwen3 rm`: drop the records of these repos' snapshots and of these folders,
+    then every fetched head no record names any more (heads are shared by the conversions
+    of one original); returns the heads deleted."""
+    links = heads_dir() / "links"
+    if not links.is_dir():
+        return []
+    gone = {f"models--{r.replace('/', '--')}--" for r in repos}
+    named = {_link_path(f).name for f in folders}
+    for record in links.glob("*.json"):
+        if record.name in named or record.name.startswith(tuple(gone)):
+            record.unlink(missing_ok=True)
+    kept = set()
+    for record in links.glob("*.json"):
+        try:
+            kept.add(read_json(record)["file"])
+        except (Qwen3ChatError, KeyError, TypeError):
+            continue  # a damaged record names nothing
+    removed = []
+    for head in heads_dir().glob("*.safetensors"):
+        if head.name not in kept:
+            head.unlink(missing_ok=True)
+            removed.append(str(head))
+    return removed
+
+
 def attach_head(model: Any, path: Path) -> int:
     """Add a fetched head's tensors to a hybrid model that has none (mx.load maps them
     lazily; models/mtp.py builds and quantizes the head from them); returns how many."""
