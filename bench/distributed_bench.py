@@ -2,6 +2,7 @@
 
     python bench/distributed_bench.py            # 1, 2 and 3 ranks, pipeline; 2 ranks tensor
     python bench/distributed_bench.py --layers 12 --hidden 512 --decode 64
+    python bench/distributed_bench.py --hybrid   # the Qwen3-Next family's layers
 
 A random-weight Qwen3 in float32 (the real 151,936 vocab) is written once as safetensors;
 every configuration loads it the way `qwen3 chat --hosts` does (each rank its share) and
@@ -65,6 +66,31 @@ def write_model(folder: Path, layers: int, hidden: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file(w, str(folder / "model.safetensors"))
+    return folder
+
+
+def write_hybrid(folder: Path, layers: int, hidden: int) -> Path:
+    """A Qwen3-Next-shaped model (3 Gated DeltaNet layers to 1 gated attention, dense MLP),
+    random weights in our own (MLX) layout, which loads as an MLX-converted folder does."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from qwen3_chat.models import build_model, config_from_dict
+
+    heads = max(2, hidden // 64)
+    cfg = {"model_type": "qwen3_next", "hidden_size": hidden, "intermediate_size": 3 * hidden,
+           "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": max(2, hidden // 256), "head_dim": 64,
+           "linear_num_key_heads": max(2, heads // 2), "linear_num_value_heads": heads,
+           "linear_key_head_dim": 64, "linear_value_head_dim": 64, "linear_conv_kernel_dim": 4,
+           "full_attention_interval": 4, "num_experts": 0, "vocab_size": VOCAB,
+           "max_position_embeddings": 4096, "tie_word_embeddings": False,
+           "rms_norm_eps": 1e-6, "rope_theta": 1e6, "partial_rotary_factor": 0.25}  # fmt: skip
+    mx.random.seed(0)
+    model = build_model(config_from_dict(cfg))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     return folder
 
 
@@ -141,6 +167,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--decode", type=int, default=48)
     p.add_argument("--ranks", default="1,2,3")
+    p.add_argument("--hybrid", action="store_true", help="a Qwen3-Next-shaped model instead")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--rank", nargs=3, metavar=("MODEL", "OUT", "PARALLEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -150,7 +177,8 @@ def main() -> None:
     from qwen3_chat.weights.loader import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model(Path(tmp) / "model", args.layers, args.hidden)
+        write = write_hybrid if args.hybrid else write_model
+        model_dir = write(Path(tmp) / "model", args.layers, args.hidden)
         rows = []
         for n in [int(x) for x in args.ranks.split(",")]:
             modes = ["pipeline", "tensor"] if n == 2 else ["pipeline"]
@@ -165,7 +193,8 @@ def main() -> None:
                     r = run_ranks(n, mode, model_dir, args)
                 rows.append({"ranks": n, "mode": mode, **r})
                 print(f"{n} {mode}: {r}", file=sys.stderr, flush=True)
-    head = (f"{args.layers} layers, hidden {args.hidden}, vocab {VOCAB}, float32, "
+    kind = "Qwen3-Next-shaped (3 linear : 1 attention)" if args.hybrid else "Qwen3"
+    head = (f"{kind}, {args.layers} layers, hidden {args.hidden}, vocab {VOCAB}, float32, "
             f"prompt {args.prompt}, {args.decode} decode steps; {platform.machine()}, "
             f"{os.cpu_count()} cores, ring over 127.0.0.1")  # fmt: skip
     lines = [head, "", "| ranks | mode | prefill tok/s | decode tok/s | ms/token (median) |",
@@ -176,8 +205,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.json").write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
-    (args.out / "distributed.md").write_text(table + "\n")
+    name = "distributed-hybrid" if args.hybrid else "distributed"
+    (args.out / f"{name}.json").write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
+    (args.out / f"{name}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
