@@ -52,6 +52,22 @@ def test_full_forward_equals_chunked_prefill_equals_decode(hybrid):
     assert all(c.offset == len(ids) for c in cache)
 
 
+@pytest.mark.parametrize("layers", [4, 3])  # the last layer: gated attention, Gated DeltaNet
+def test_last_only_prefill_is_the_full_forward_s_last_row_and_fills_the_cache(tmp_path, layers):
+    """A prefill's final layer runs its output and MLP for the last position only; every
+    token must still reach its cache, so the next step sees what a full forward left."""
+    path, _ = make_hybrid("qwen3_next", tmp_path / "m", num_hidden_layers=layers)
+    model = load_model(path)
+    ids = IDS[:70]
+    full_cache, last_cache = model.make_cache(), model.make_cache()
+    full = model(mx.array([ids]), cache=full_cache)
+    last = model(mx.array([ids]), cache=last_cache, last_only=True)
+    assert last.shape[1] == 1
+    assert rel_err(np.array(last[0, -1]), np.array(full[0, -1])) < 1e-6
+    nxt = [model(mx.array([[7]]), cache=c) for c in (full_cache, last_cache)]
+    assert rel_err(np.array(nxt[1]), np.array(nxt[0])) < 1e-6
+
+
 def test_greedy_decode_through_cache_matches_transformers_without_cache(hybrid):
     _, _, hf, model = hybrid
     ids = IDS[:20]

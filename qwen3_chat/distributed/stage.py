@@ -20,7 +20,6 @@ from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.files import read_json
 from qwen3_chat.models import build_model, config_from_dict
 from qwen3_chat.models.cache import KVCache, LayerCache, LinearCache
-from qwen3_chat.models.hybrid_config import HybridConfig
 from qwen3_chat.weights.loader import default_dtype, read_weights
 from qwen3_chat.weights.quantize import apply_quantization_config, quantize_model
 
@@ -47,15 +46,11 @@ class Stage:
         inner = self.model.model
         h = inner.embed_tokens(x) if self.first else x
         caches = cache if cache is not None else [None] * len(self.layers)
-        hybrid = isinstance(self.config, HybridConfig)
         for i, c in zip(self.layers, caches, strict=True):
-            if hybrid:  # a linear layer folds every token into its state: all go through
-                h = inner.layers[i](h, c)
-            else:
-                h = inner.layers[i](h, c, last_only=last_only and i == self.n_layers - 1)
+            h = inner.layers[i](h, c, last_only=last_only and i == self.n_layers - 1)
         if not (self.last and self.head):
             return h
-        return self.model.head(h[:, -1:] if hybrid and last_only else h)
+        return self.model.head(h)
 
     @property
     def nbytes(self) -> int:

@@ -102,7 +102,9 @@ class GatedDeltaNet(nn.Module):
         z = z.reshape(b, s, self.nv, self.dv)
         return mixed, z, beta.reshape(b, s, self.nv), a.reshape(b, s, self.nv)
 
-    def __call__(self, x: mx.array, cache: LinearCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: LinearCache | None, last_only: bool = False) -> mx.array:
+        """With last_only, every token updates the state but only the last one's output is
+        gated and projected (the final layer of a prefill)."""
         b, s, _ = x.shape
         mixed, z, beta_logits, a = self._project(x)
         conv_state = cache.conv if cache is not None else None
@@ -133,8 +135,10 @@ class GatedDeltaNet(nn.Module):
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
         if cache is not None:
             cache.update(window[:, -(self.kernel - 1) :], state, s)
+        if last_only:
+            out, z = out[:, -1:], z[:, -1:]
         out = self.norm(out, z)
-        return self.out_proj(out.reshape(b, s, -1))
+        return self.out_proj(out.reshape(b, out.shape[1], -1))
 
 
 def make_partial_rope(config: HybridConfig) -> RoPE:
@@ -161,17 +165,19 @@ class GatedAttention(Attention):
         hd, bias = self.head_dim, config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, 2 * self.n_heads * hd, bias=bias)
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
+        """With last_only, every position's keys/values reach the cache but only the last
+        position queries (as Qwen3's Attention)."""
         b, n, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q, gate = mx.split(self.q_proj(x).reshape(b, n, self.n_heads, -1), 2, axis=-1)
+        xq = x[:, -1:, :] if last_only else x
+        nq = xq.shape[1]
+        q, gate = mx.split(self.q_proj(xq).reshape(b, nq, self.n_heads, -1), 2, axis=-1)
         q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(b, n, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        q, k = self.rope(q, offset=offset + n - nq), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        mask = "causal" if n > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(b, n, -1)
-        return self.o_proj(out * mx.sigmoid(gate.reshape(b, n, -1)))
+        out = self.attend(q, k, v)
+        return self.o_proj(out * mx.sigmoid(gate.reshape(b, nq, -1)))

@@ -62,9 +62,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: LayerCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache | None, last_only: bool = False) -> mx.array:
+        """With last_only (the final layer of a prefill), every token reaches the cache but
+        only the last position's output and MLP are computed."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), cache)
+        residual = x[:, -1:] if last_only else x
+        h = residual + mixer(self.input_layernorm(x), cache, last_only)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -81,11 +84,13 @@ class HybridModel(nn.Module):
     ) -> mx.array:
         h = self.embed_tokens(inputs)
         caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches, strict=True):
-            h = layer(h, c)
+        last = len(self.layers) - 1
         # Every layer must see every token (a linear layer's state folds them all in), but
-        # with last_only the final norm and lm_head need only the last position.
-        return h[:, -1:] if last_only else h
+        # with last_only the final layer's output, MLP, norm and lm_head need only the last
+        # position: a prefill skips the rest of that work.
+        for i, (layer, c) in enumerate(zip(self.layers, caches, strict=True)):
+            h = layer(h, c, last_only=last_only and i == last)
+        return h
 
 
 class Model(qwen3.Model):
