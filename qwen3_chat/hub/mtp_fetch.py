@@ -37,7 +37,7 @@ from qwen3_chat.files import read_json, write_json
 from qwen3_chat.hub.fetch import RETRIES, RemoteFile, cached_repo, hasher, list_files
 from qwen3_chat.hub.info import DTYPE_BYTES
 from qwen3_chat.hub.state import state_dir
-from qwen3_chat.weights.verify import HEADER_LIMIT, INDEX_FILE, read_header
+from qwen3_chat.weights.verify import INDEX_FILE, HeaderError, decode_header, read_header
 
 MTP_PREFIX = "mtp."  # as models/qwen3_next.py keeps them (no MLX imported here)
 HEAD_DTYPES = ("F32", "F16", "BF16")  # what the head is built from; FP8 repos need scales
@@ -157,7 +157,7 @@ def attach_head(model: Any, path: Path) -> int:
 
 def folder_has_head(folder: Path) -> bool:
     """Whether a folder's own safetensors hold `mtp.*` tensors (headers only)."""
-    from qwen3_chat.weights.verify import HeaderError, parse_header, shard_list
+    from qwen3_chat.weights.verify import parse_header, shard_list
 
     try:
         files, wmap = shard_list(Path(folder))
@@ -249,21 +249,15 @@ def _index_map(ranges: _Ranges, index: RemoteFile) -> dict[str, str]:
 def _shard(ranges: _Ranges, f: RemoteFile, listed: set[str] | None) -> Shard:
     """The head's tensors in shard `f`, from its header (two small ranges)."""
     where = f"{f.path} of {ranges.origin}"
-    if f.size < 8:
-        raise DownloadError(f"{where}: too small to be safetensors")
-    (n,) = struct.unpack("<Q", ranges.read(f.path, 0, 8))
-    if n > HEADER_LIMIT or 8 + n > f.size:
-        raise DownloadError(f"{where}: corrupt safetensors header (length {n})")
     try:
-        header = json.loads(ranges.read(f.path, 8, 8 + n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DownloadError(f"{where}: unreadable safetensors header") from None
-    if not isinstance(header, dict):
-        raise DownloadError(f"{where}: corrupt safetensors header")
+        header, data_start, _ = decode_header(lambda a, b: ranges.read(f.path, a, b), f.size,
+                                              where)  # fmt: skip
+    except HeaderError as e:
+        raise DownloadError(str(e)) from None
     tensors = []
     for name, info in header.items():
         if name.startswith(MTP_PREFIX):
-            tensors.append(_tensor(where, name, info, 8 + n, f.size))
+            tensors.append(_tensor(where, name, info, data_start, f.size))
     missing = sorted((listed or set()) - {t.name for t in tensors})
     if missing:
         raise DownloadError(f"{where}: the index lists {missing[0]} here, the header does not")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +30,30 @@ class HeaderError(ValueError):
     """A safetensors header that cannot be trusted; the message names file and tensor."""
 
 
-def parse_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The tensors a safetensors file declares and the byte size they need (header included).
+def decode_header(read: Callable[[int, int], bytes], size: int,
+                  name: str) -> tuple[dict[str, Any], int, int]:  # fmt: skip
+    """The tensors a safetensors file of `size` bytes declares, where their data starts and
+    how many bytes of it they need; `read(start, end)` gives the file's bytes [start, end)
+    (a local file, or byte ranges of a file on the Hub).
 
     Every entry is checked, so a malformed file fails here with a message that names it
     rather than deep inside a loader.
     """
+    head = read(0, 8) if size >= 8 else b""
+    if len(head) < 8:
+        raise HeaderError(f"{name}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > HEADER_LIMIT:
+        raise HeaderError(f"{name}: corrupt safetensors header")
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise HeaderError(f"{path.name}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > HEADER_LIMIT:
-                raise HeaderError(f"{path.name}: corrupt safetensors header")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeaderError(f"{path.name}: unreadable safetensors header ({e})") from None
+        header = json.loads(read(8, 8 + n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeaderError(f"{name}: unreadable safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise HeaderError(f"{path.name}: corrupt safetensors header")
+        raise HeaderError(f"{name}: corrupt safetensors header")
     header.pop("__metadata__", None)
     end = 0
-    for name, info in header.items():
+    for tensor, info in header.items():
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if (
             not isinstance(offsets, list)
@@ -59,9 +61,25 @@ def parse_header(path: Path) -> tuple[dict[str, Any], int]:
             or not all(isinstance(o, int) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise HeaderError(f"{path.name}: corrupt safetensors header entry for tensor {name}")
+            raise HeaderError(f"{name}: corrupt safetensors header entry for tensor {tensor}")
         end = max(end, offsets[1])
-    return header, 8 + n + end
+    return header, 8 + n, end
+
+
+def parse_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The tensors a safetensors file declares and the byte size they need (header included)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+
+            def read(start: int, end: int) -> bytes:
+                f.seek(start)
+                return f.read(end - start)
+
+            header, data_start, data_bytes = decode_header(read, size, path.name)
+    except OSError as e:
+        raise HeaderError(f"{path.name}: unreadable safetensors header ({e})") from None
+    return header, data_start + data_bytes
 
 
 def shard_list(path: Path) -> tuple[list[Path], dict[str, str] | None]:
