@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from qwen3_chat.distributed.group import NO_SNAPSHOT, Header, Op
+from qwen3_chat.engine.generate import cache_offset, rewind
 from qwen3_chat.models.cache import LayerCache, SnapshotLayer, layer_snapshots, rewind_layers
 
 # One rank's snapshots of one conversation's layers: key -> a snapshot per layer (None: KV).
@@ -28,8 +29,7 @@ def apply(header: Header, layers: list[LayerCache], kept: Kept) -> None:
     """Run a cache command on this rank's layers (every rank runs the same commands)."""
     op = header.op
     if op is Op.REWIND:
-        for c in layers:
-            c.trim(c.offset - header.offset)
+        rewind(layers, header.offset)
     elif op is Op.SNAPSHOT:
         kept[header.key] = layer_snapshots(layers)
     elif op is Op.MARK:
@@ -82,7 +82,7 @@ class PipelineCache:
     @property
     def offset(self) -> int:
         self._owner._settle()  # a step cut off by Ctrl-C may still be filling the layers
-        return min((c.offset for c in self.local), default=0)
+        return cache_offset(self.local)
 
     def can_trim(self, n: int) -> bool:
         return 0 <= n <= self.offset

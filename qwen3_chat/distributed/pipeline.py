@@ -27,7 +27,7 @@ from qwen3_chat.distributed.group import (
 )
 from qwen3_chat.distributed.runner import Runner
 from qwen3_chat.distributed.stage import Stage
-from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP
+from qwen3_chat.engine.generate import DEFAULT_PREFILL_STEP, cache_offset
 from qwen3_chat.models.cache import LayerCache
 from qwen3_chat.models.hybrid_config import HybridConfig
 
@@ -86,7 +86,7 @@ class PipelineModel:
 
         def forward() -> mx.array:
             start = time.perf_counter()
-            before = min((c.offset for c in pc.local), default=0) if pc else 0
+            before = cache_offset(pc.local) if pc else 0
             logits = self._forward(inputs, header, pc.local if pc else None)
             mx.eval(logits, pc.state if pc else [])
             if pc is not None:

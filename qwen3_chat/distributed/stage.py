@@ -19,8 +19,8 @@ from qwen3_chat.distributed.group import split_layers
 from qwen3_chat.errors import ModelLoadError
 from qwen3_chat.files import read_json
 from qwen3_chat.models import build_model, config_from_dict
-from qwen3_chat.models.cache import KVCache, LayerCache, LinearCache
-from qwen3_chat.weights.loader import default_dtype, read_weights
+from qwen3_chat.models.cache import LayerCache
+from qwen3_chat.weights.loader import default_dtype, in_compute_dtype, read_weights
 from qwen3_chat.weights.quantize import apply_quantization_config, quantize_model
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -37,9 +37,7 @@ class Stage:
 
     def make_cache(self) -> list[LayerCache]:
         """A KV cache per attention layer, a linear-state cache per Gated DeltaNet layer."""
-        layers = self.model.model.layers
-        return [LinearCache() if getattr(layers[i], "is_linear", False) else KVCache()
-                for i in self.layers]  # fmt: skip
+        return [self.model.model.layers[i].make_cache() for i in self.layers]
 
     def __call__(self, x: mx.array, cache: list[LayerCache] | None, last_only: bool) -> mx.array:
         """Token ids (first rank) or activations in; activations or logits (last rank) out."""
@@ -77,15 +75,9 @@ def fill_weights(model: nn.Module, config: Any, weights: dict[str, mx.array], wh
     then quantize on load if asked; a mismatch is one ModelLoadError naming the rank."""
     if config.quantization:
         apply_quantization_config(model, config.quantization, weights)
-    compute = dtype or default_dtype()
-    keep = getattr(model, "float32_params", ())  # float32 whatever the compute dtype
     try:
-        model.load_weights(
-            [(k, v.astype(mx.float32 if k.endswith(keep) else compute))
-             if mx.issubdtype(v.dtype, mx.floating) else (k, v)
-             for k, v in weights.items()],
-            strict=True,
-        )  # fmt: skip
+        model.load_weights(in_compute_dtype(model, weights, dtype or default_dtype()),
+                           strict=True)  # fmt: skip
     except ValueError as e:
         raise ModelLoadError(f"{where}: {e}") from None
     if bits is not None:

@@ -56,7 +56,7 @@ class MTPHead(nn.Module):
         self.norm = nn.RMSNorm(h, eps=eps)
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+        return [layer.make_cache() for layer in self.layers]  # full attention: KV caches
 
     def __call__(
         self, embeds: mx.array, hidden: mx.array, cache: list[KVCache] | None = None

@@ -86,6 +86,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    def make_cache(self) -> KVCache:
+        return KVCache()
+
     def __call__(self, x: mx.array, cache: KVCache | None, last_only: bool = False) -> mx.array:
         residual = x[:, -1:, :] if last_only else x
         h = residual + self.self_attn(self.input_layernorm(x), cache, last_only)
@@ -156,7 +159,7 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.layers]
+        return [layer.make_cache() for layer in self.model.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a Hugging Face checkpoint onto this module tree (the only weight fix-ups)."""

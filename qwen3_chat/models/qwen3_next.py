@@ -62,6 +62,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    def make_cache(self) -> LayerCache:
+        return LinearCache() if self.is_linear else KVCache()
+
     def __call__(self, x: mx.array, cache: LayerCache | None, last_only: bool = False) -> mx.array:
         """With last_only (the final layer of a prefill), every token reaches the cache but
         only the last position's output and MLP are computed."""
@@ -114,7 +117,7 @@ class Model(qwen3.Model):
         object.__setattr__(self, "mtp_weights", {})
 
     def make_cache(self) -> list[LayerCache]:
-        return [LinearCache() if layer.is_linear else KVCache() for layer in self.layers]
+        return [layer.make_cache() for layer in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a Hugging Face or MLX-community checkpoint onto this module tree."""

@@ -202,6 +202,16 @@ def _row_reader(path: Path, origin: dict[str, str]) -> RowReader:
     return read
 
 
+def in_compute_dtype(model: nn.Module, weights: dict[str, mx.array],
+                     dtype: mx.Dtype) -> list[tuple[str, mx.array]]:  # fmt: skip
+    """`weights` as `model.load_weights` takes them: floats in `dtype`, but the parameters the
+    model names in `float32_params` stay float32 whatever the dtype (the hybrid's A_log)."""
+    keep = getattr(model, "float32_params", ())
+    return [(k, v.astype(mx.float32 if k.endswith(keep) else dtype))
+            if mx.issubdtype(v.dtype, mx.floating) else (k, v)
+            for k, v in weights.items()]  # fmt: skip
+
+
 def load_model(
     path: str | Path, *, bits: int | None = None, dtype: mx.Dtype | str | None = None
 ) -> Model:
@@ -250,17 +260,7 @@ def load_model(
         same = {k: origin[k] for k, v in weights.items() if loaded.get(k) is v and k in origin}
         weights = quantize_weights(model, weights, experts, _row_reader(path, same),
                                    compute_dtype)  # fmt: skip
-    # Some parameters must stay float32 whatever the compute dtype (the hybrid's A_log).
-    keep = getattr(model, "float32_params", ())
-    model.load_weights(
-        [
-            (k, v.astype(mx.float32 if k.endswith(keep) else compute_dtype))
-            if mx.issubdtype(v.dtype, mx.floating)
-            else (k, v)
-            for k, v in weights.items()
-        ],
-        strict=True,
-    )
+    model.load_weights(in_compute_dtype(model, weights, compute_dtype), strict=True)
     # Drop our references to the (lazy) float tensors: otherwise evaluating the quantized
     # weights below would keep every float tensor alive and double the peak memory.
     del weights, experts, loaded
