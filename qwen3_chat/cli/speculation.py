@@ -140,12 +140,13 @@ def prefetch_mtp_head(path: Path, name: str) -> str:
         raise Qwen3ChatError(f"--mtp: {name} is not a Qwen3-Next/3.5 model: it has no MTP head")
     if folder_has_head(path):
         return f"{name}: its MTP head is in its folder"
-    if head_file(path) is None:
+    head = head_file(path)
+    if head is None:
         try:
-            fetch_mtp_head(path, name)
+            head = fetch_mtp_head(path, name)
         except HeadUnavailable as e:
             raise Qwen3ChatError(f"--mtp: no MTP head for {name}: {e}") from None
-    return f"{name}: MTP head at {head_file(path)}"
+    return f"{name}: MTP head at {head}"
 
 
 def _use_draft(request: SpeculationRequest, spec: Any, draft: str | None, bits: int | None,
