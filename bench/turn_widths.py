@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -63,8 +64,6 @@ def bench_shape(model, history: int, reps: int) -> dict:
     new = mx.arange(100, 100 + NEW_TOKENS, dtype=mx.int32)[None]
 
     def timed(cache) -> dict:
-        import time
-
         start = time.perf_counter()
         mx.eval(model(new, cache=cache, last_only=True))
         return {"ms": (time.perf_counter() - start) * 1e3}
